@@ -1,0 +1,37 @@
+# The two commands: `make demo` and `make test`. Both create .venv on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test parity lint bench notebooks clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with its test extras
+
+demo: $(STAMP)  ## train on the built-in data and sample from the result
+	$(PY) -m minigpt.demo
+
+test: $(STAMP)  ## run the test suite (CPU, a few minutes)
+	$(PY) -m pytest -q
+
+parity: $(STAMP)  ## compare against transformers / huggingface peft, installed in a separate .venv-ref
+	bash tests/reference/setup.sh
+	$(PY) -m pytest -q -m parity
+
+lint: $(STAMP)  ## ruff, if installed (pip install ruff)
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install --quiet ruff
+	$(PY) -m ruff check minigpt peft rlhf tests benchmarks
+
+clean:  ## remove the virtual environments, caches and run outputs
+	rm -rf $(VENV) .venv-ref out .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,415 @@
+"""A GPT written out in the three parts the GPT papers describe (Radford et al. 2018, 2019).
+
+    h_0 = U W_e + W_p                      input layer: token + learned position embeddings
+    h_l = transformer_block(h_{l-1})       encoder: n_layer blocks, l = 1..n
+    P(u) = softmax(LN(h_n) W_e^T)          output layer: final LayerNorm + head tied to W_e
+
+Each block is causal multi-head self-attention and an MLP, each with a residual connection. GPT-2 puts the
+LayerNorm before each sub-layer ("pre_ln", the default); the original Transformer and BERT put it after each
+residual sum ("post_ln"), the layout whose equations the BitFit paper writes out.
+
+This file holds the model only: PEFT methods patch its modules from outside (see ``peft/``), and RLHF wraps it.
+Two small conventions let them do so without method code here:
+- a patched input layer may prepend virtual tokens (prompt tuning); ``GPT.forward`` notices the extra positions,
+  lets real tokens attend to them, and returns logits for the real tokens only;
+- an attention mask always covers the real (cached + new) tokens; a patched attention that prepends its own keys
+  (prefix-tuning) widens the mask itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Input layer
+
+
+class InputLayer(nn.Module):
+    """h_0 = W_e[u] + W_p[position], then dropout (GPT-2: learned absolute positions)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # W_e: token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # W_p: position embeddings
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, idx, position_ids, inputs_embeds=None, past_length=0):
+        # idx, position_ids: (B, T); inputs_embeds (B, T, C) replaces W_e[idx] when given.
+        # past_length is the number of cached positions (0 on the first step); this layer ignores it, a patched
+        # layer that prepends virtual tokens uses it to do so only once.
+        tok = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        return self.drop(tok + self.wpe(position_ids))  # (B, T, C)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder: the Transformer block
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + causal mask) V (Vaswani et al. 2017, eq. 1).
+
+    The query, key and value projections are separate Linear layers (GPT-2 fuses them into one ``c_attn``;
+    separate ones let LoRA, IA3 and BitFit name exactly the projection they act on).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.n_embd
+        self.n_head = config.n_head
+        self.query = nn.Linear(C, C, bias=config.bias)
+        self.key = nn.Linear(C, C, bias=config.bias)
+        self.value = nn.Linear(C, C, bias=config.bias)
+        self.proj = nn.Linear(C, C, bias=config.bias)  # output projection W_O
+        self.attn_dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def split_heads(self, x):
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+
+    def qkv(self, x):
+        """The projected queries, keys and values, split into heads: three (B, nh, T, hs) tensors."""
+        return self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+
+    def attend(self, q, k, v, attn_mask=None):
+        """softmax(q k^T / sqrt(hs) + mask) v with SDPA. q: (B, nh, T, hs); k, v: (B, nh, S, hs), S >= T.
+
+        attn_mask: None means plain causal attention with the T queries being the last T of the S keys;
+        otherwise a bool tensor broadcastable to (B, nh, T, S), True where a query may attend.
+        """
+        T, S = q.size(-2), k.size(-2)
+        is_causal = False
+        if attn_mask is None and T == S:
+            is_causal = True
+        elif attn_mask is None and T > 1:  # queries at the end of a longer key sequence (chunked decoding)
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.shape  # (B, T, C)
+        q, k, v = self.qkv(x)  # (B, nh, T, hs) each
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, S, hs): the cached keys and values, then these
+        y = self.attend(q, k, v, attn_mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """FFN(x) = W_2 GELU(W_1 x + b_1) + b_2 with a 4x wider inner layer and GPT-2's tanh-approximated GELU."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.act(self.fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """One Transformer block.
+
+    pre_ln (GPT-2):   x = x + attn(LN_1(x));   x = x + mlp(LN_2(x))
+    post_ln (BERT):   x = LN_1(x + attn(x));   x = LN_2(x + mlp(x))
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.pre_ln = config.layout == "pre_ln"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        if self.pre_ln:
+            x = x + self.attn(self.ln_1(x), attn_mask, cache)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, attn_mask, cache))
+        return self.ln_2(x + self.mlp(x))
+
+
+class Encoder(nn.Module):
+    """n_layer Transformer blocks applied in turn."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+
+    def forward(self, x, attn_mask=None, cache=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, None if cache is None else cache.layers[i])
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output layer
+
+
+class OutputLayer(nn.Module):
+    """logits = LN_f(h_n) W_e^T: the final LayerNorm (GPT-2) and a head whose weight is the token embedding."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, x):
+        return self.head(self.ln_f(x))  # (B, T, C) -> (B, T, vocab)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class LayerCache:
+    """The keys and values one attention layer has seen so far: (B, nh, S, hs) each."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def update(self, k, v):
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """A LayerCache per block, plus which cached positions are real tokens and how many each row has seen.
+
+    key_mask (B, S): True for a real token, False for padding (and True for virtual tokens of a prompt method).
+    n_seen (B,): real tokens seen per row; the next token's position id.
+    """
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.key_mask = None
+        self.n_seen = None
+        self.padded = False  # whether any cached position is padding (then attention needs an explicit mask)
+
+    def __len__(self):
+        return 0 if self.key_mask is None else self.key_mask.size(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The GPT
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.input_layer = InputLayer(config)
+        self.encoder = Encoder(config)
+        self.output_layer = OutputLayer(config)
+        self.output_layer.head.weight = self.input_layer.wte.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+        # GPT-2: "scale the weights of residual layers at initialization by 1/sqrt(N)", N = 2 residuals per block
+        for block in self.encoder.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "GPT":
+        """Load a Hugging Face-format GPT-2 directory (config.json + model.safetensors or pytorch_model.bin)."""
+        from .pretrained import load_gpt2
+
+        return load_gpt2(path, **overrides)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer whose ids do not all fit in this model's vocabulary."""
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.config.vocab_size}; build the model with vocab_size >= {tokenizer.vocab_size}"
+            )
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def _check_input(self, idx, inputs_embeds, past_length):
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx (B, T) token ids or inputs_embeds (B, T, C)")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != self.config.n_embd:
+                raise ValueError(
+                    f"inputs_embeds must have shape (B, T, {self.config.n_embd}), got {tuple(inputs_embeds.shape)}"
+                )
+            B, T = inputs_embeds.shape[:2]
+        else:
+            if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int16):
+                raise TypeError(f"idx must be an integer tensor (torch.long), got {getattr(idx, 'dtype', type(idx))}")
+            if idx.dim() != 2:
+                raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)} ({idx.dim()} dimensions)")
+            B, T = idx.shape
+            if idx.numel() > 0:
+                lo, hi = int(idx.min()), int(idx.max())
+                if lo < 0 or hi >= self.config.vocab_size:
+                    bad = hi if hi >= self.config.vocab_size else lo
+                    raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if T == 0:
+            raise ValueError("the input sequence is empty (T = 0)")
+        if past_length + T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {past_length + T} (cached {past_length} + new {T}) exceeds the model's "
+                f"block_size {self.config.block_size}"
+            )
+        return B, T
+
+    @staticmethod
+    def _position_ids(mask, cache, B, T, device):
+        """Position of each new token among the real tokens of its row, so left padding takes no position."""
+        start = torch.zeros(B, dtype=torch.long, device=device) if cache is None or cache.n_seen is None else cache.n_seen
+        if mask is None:
+            return start[:, None] + torch.arange(T, device=device)  # (B, T)
+        return start[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+    @staticmethod
+    def _attention_mask(key_mask, T):
+        """(B, 1, T, S) bool: query i (the i-th of the last T positions) sees real keys up to its own position."""
+        B, S = key_mask.shape
+        causal = torch.ones(T, S, dtype=torch.bool, device=key_mask.device).tril(diagonal=S - T)  # (T, S)
+        mask = causal & key_mask[:, None, None, :]  # (B, 1, T, S)
+        # a padding query would see no key at all (SDPA would return NaN there): let every query see itself
+        itself = torch.ones(T, S, dtype=torch.bool, device=key_mask.device).tril(S - T).triu(S - T)  # (T, S)
+        return mask | itself
+
+    def forward(self, idx=None, targets=None, *, inputs_embeds=None, attention_mask=None, cache=None):
+        """Logits for every position, and the mean cross-entropy over targets != -100 when targets are given.
+
+        idx: (B, T) token ids, or inputs_embeds: (B, T, C).
+        attention_mask: (B, T) with 1 for real tokens and 0 for padding (left padding for generation).
+        cache: a KVCache to read past keys and values from and append these to (incremental decoding).
+        Returns (logits (B, T, vocab), loss or None).
+        """
+        past = len(cache) if cache is not None else 0
+        B, T = self._check_input(idx, inputs_embeds, past)
+        device = idx.device if idx is not None else inputs_embeds.device
+        mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+        if mask is not None and mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(mask.shape)}")
+
+        position_ids = self._position_ids(mask, cache, B, T, device)  # (B, T)
+        x = self.input_layer(idx, position_ids, inputs_embeds=inputs_embeds, past_length=past)  # (B, T', C)
+        n_virtual = x.size(1) - T  # > 0 when a patched input layer prepended virtual tokens
+        if n_virtual and mask is not None:
+            mask = torch.cat([torch.ones(B, n_virtual, dtype=torch.bool, device=device), mask], dim=1)
+
+        padded = mask is not None
+        if cache is not None:  # remember which cached positions are real, and how many tokens each row has seen
+            new_mask = torch.ones(B, T + n_virtual, dtype=torch.bool, device=device) if mask is None else mask
+            cache.key_mask = new_mask if cache.key_mask is None else torch.cat([cache.key_mask, new_mask], dim=1)
+            n_new = new_mask[:, n_virtual:].sum(-1)
+            cache.n_seen = n_new if cache.n_seen is None else cache.n_seen + n_new
+            cache.padded = cache.padded or padded
+            padded, mask = cache.padded, cache.key_mask
+        # without padding, None selects SDPA's causal fast path (CausalSelfAttention.attend)
+        attn_mask = self._attention_mask(mask, x.size(1)) if padded else None
+
+        x = self.encoder(x, attn_mask, cache)  # (B, T', C)
+        if n_virtual:
+            x = x[:, n_virtual:]  # logits for the real tokens only
+        logits = self.output_layer(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            if targets.shape != (B, T):
+                raise ValueError(f"targets must have shape {(B, T)}, got {tuple(targets.shape)}")
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attention_mask=None,
+        generator=None,
+        seed=None,
+        use_cache=True,
+    ):
+        """Append up to max_new_tokens sampled tokens to idx (B, T) and return the (B, T + n) result.
+
+        temperature 0 is greedy decoding. A row stops at its first eos_token_id; later positions of that row are
+        filled with pad_token_id (or eos_token_id). A left-padded batch needs its attention_mask (B, T).
+        With use_cache the KV cache makes each step cost one position; once the sequence reaches block_size the
+        loop continues without the cache on the last block_size tokens (a sliding window, as nanoGPT does).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        B = idx.size(0)
+        mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        fill = eos_token_id if pad_token_id is None else pad_token_id
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = KVCache(self.config.n_layer) if use_cache else None
+        step_input, step_mask = idx, mask
+        for _ in range(max_new_tokens):
+            if cache is not None and len(cache) + step_input.size(1) > self.config.block_size:
+                cache = None  # context full: slide the window from now on
+            if cache is None:
+                step_input, step_mask = idx[:, -self.config.block_size :], mask[:, -self.config.block_size :]
+            logits, _ = self(step_input, attention_mask=None if attention_mask is None else step_mask, cache=cache)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, fill), next_token)
+                finished |= next_token == eos_token_id
+            idx = torch.cat([idx, next_token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=idx.device)], dim=1)
+            step_input, step_mask = next_token[:, None], mask[:, -1:]
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        return idx
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): greedy when temperature == 0, else softmax(logits / temperature)
+    restricted to the top_k most likely tokens and/or the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is already full
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -1,0 +1,223 @@
+"""Parameter-efficient fine-tuning (PEFT) of a minigpt GPT, each method written from its paper.
+
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, alpha=16))   # patches the GPT in place
+    peft.count_parameters(model)                # (trainable, total)
+    peft.merge(model); peft.unmerge(model)      # LoRA and IA3: fold the update into the base weights and back
+    with peft.disable_adapters(model): ...      # the base model's outputs, without a second copy in memory
+    peft.save_adapter(model, "adapter.safetensors"); peft.load_adapter(base_model, "adapter.safetensors")
+    peft.unload(model)                          # the original modules back
+
+The methods: BitFit, Prompt Tuning, P-Tuning (v1), Prefix-Tuning, P-Tuning v2, LoRA, IA3 and Houlsby adapters.
+This package is imported as ``peft``, like Hugging Face's: do not install both into one environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import adapter, bitfit, ia3, lora, p_tuning, prefix_tuning, prompt_tuning
+from .adapter import AdapterConfig
+from .base import AdapterLayer
+from .bitfit import BitFitConfig
+from .ia3 import IA3Config
+from .lora import LoraConfig
+from .p_tuning import PTuningConfig
+from .prefix_tuning import PrefixTuningConfig, PTuningV2Config
+from .prompt_tuning import PromptTuningConfig
+
+METHODS = {
+    BitFitConfig: bitfit,
+    PromptTuningConfig: prompt_tuning,
+    PTuningConfig: p_tuning,
+    PrefixTuningConfig: prefix_tuning,
+    PTuningV2Config: prefix_tuning,
+    LoraConfig: lora,
+    IA3Config: ia3,
+    AdapterConfig: adapter,
+}
+CONFIGS = {cls.method: cls for cls in METHODS}  # "lora" -> LoraConfig, ...
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterLayer",
+    "BitFitConfig",
+    "IA3Config",
+    "LoraConfig",
+    "PTuningConfig",
+    "PTuningV2Config",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "CONFIGS",
+    "count_parameters",
+    "disable_adapters",
+    "get_peft_model",
+    "load_adapter",
+    "merge",
+    "save_adapter",
+    "unload",
+    "unmerge",
+]
+
+
+def get_peft_model(model: nn.Module, config) -> nn.Module:
+    """Patch model in place with the method config describes, freeze everything the method does not train,
+    and return the model (the same object)."""
+    if type(config) not in METHODS:
+        raise TypeError(f"expected one of {[c.__name__ for c in METHODS]}, got {type(config).__name__}")
+    if getattr(model, "peft_config", None) is not None:
+        raise ValueError(
+            f"the model already carries a {model.peft_config.method!r} adapter; call peft.unload(model) first"
+        )
+    if not hasattr(model, "encoder") or not hasattr(model, "input_layer"):
+        raise TypeError(f"peft methods patch a minigpt GPT; got a {type(model).__name__}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    METHODS[type(config)].apply(model, config)
+    model.peft_config = config
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of distinct parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
+
+
+def _method_module(model):
+    config = getattr(model, "peft_config", None)
+    if config is None:
+        raise ValueError("the model carries no PEFT method; call peft.get_peft_model first")
+    return METHODS[type(config)]
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the method's update into the base weights (LoRA, IA3): same outputs, no extra inference cost."""
+    module = _method_module(model)
+    if not hasattr(module, "merge"):
+        raise ValueError(f"{model.peft_config.method!r} cannot be merged into the base weights (only LoRA and IA3)")
+    module.merge(model)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo ``merge``: the base weights return to their values before it."""
+    module = _method_module(model)
+    if not hasattr(module, "unmerge"):
+        raise ValueError(f"{model.peft_config.method!r} cannot be merged into the base weights (only LoRA and IA3)")
+    module.unmerge(model)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes what its base model computes (PPO uses this as the reference model)."""
+    module = _method_module(model)
+    if hasattr(module, "disable"):  # a method without wrapper layers (BitFit) swaps its tensors itself
+        with module.disable(model):
+            yield model
+        return
+    layers = adapter_layers(model)
+    if any(layer.merged for layer in layers):
+        raise ValueError("disable_adapters on a merged model: call peft.unmerge(model) first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the method: unmerge if merged, put the original modules back, make every parameter trainable."""
+    module = _method_module(model)
+    if hasattr(module, "unload"):
+        module.unload(model)
+    else:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, AdapterLayer) and name:
+                if m.merged:
+                    m.unmerge()
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
+    model.peft_config = None
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# -- saving and loading adapters ---------------------------------------------------------------------------
+
+_BASE_SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "layout")
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors the method trains, by name (only these are saved)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, path) -> None:
+    """Write the trained tensors and the method's config to a safetensors file (atomically)."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "peft_config", None)
+    if config is None:
+        raise ValueError("the model carries no PEFT method; nothing to save")
+    tensors = {n: t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
+    base = {k: getattr(model.config, k) for k in _BASE_SHAPE}
+    metadata = {"method": config.method, "config": json.dumps(dataclasses.asdict(config)), "base": json.dumps(base)}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_adapter_config(path):
+    """The config stored in an adapter file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "method" not in meta or meta["method"] not in CONFIGS:
+        raise ValueError(f"{path} is not an adapter file written by peft.save_adapter")
+    return CONFIGS[meta["method"]](**json.loads(meta["config"])), json.loads(meta["base"])
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Apply the method saved in path to model (a plain GPT, or one already patched with the same config) and load
+    its tensors. A file saved for a base model of another shape is refused."""
+    from safetensors.torch import load_file
+
+    config, base = read_adapter_config(path)
+    mine = {k: getattr(model.config, k) for k in _BASE_SHAPE}
+    if base != mine:
+        diff = {k: (base[k], mine[k]) for k in base if base[k] != mine.get(k)}
+        raise ValueError(f"{path} was saved for another base model; (saved, this model) differ in {diff}")
+    if getattr(model, "peft_config", None) is None:
+        get_peft_model(model, config)
+    elif model.peft_config != config:
+        raise ValueError(f"the model carries {model.peft_config}, but {path} holds {config}")
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    expected = set(adapter_state_dict(model))
+    if set(tensors) != expected:
+        raise ValueError(
+            f"{path} holds tensors {sorted(set(tensors) - expected)[:5]} the model lacks, "
+            f"and lacks {sorted(expected - set(tensors))[:5]}"
+        )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if params[name].shape != t.shape:
+                raise ValueError(f"tensor {name!r}: file has shape {tuple(t.shape)}, model {tuple(params[name].shape)}")
+            params[name].copy_(t)
+    return model

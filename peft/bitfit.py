@@ -1,0 +1,6 @@
+"""BitFit (stub, to be written)."""
+from dataclasses import dataclass
+@dataclass
+class BitFitConfig:
+    method = "bitfit"
+def apply(model, config): raise NotImplementedError
