@@ -91,7 +91,7 @@ class BPETokenizer:
 
         1. split the text with the pattern and count each distinct chunk ("word");
         2. count adjacent symbol pairs over the words, weighted by word count;
-        3. merge the most frequent pair everywhere (ties: the pair counted first), record it, repeat.
+        3. merge the most frequent pair everywhere (ties: the pair whose bytes sort first), record it, repeat.
         Pair counts are updated only for the words that contain the merged pair, so training stays fast.
         """
         n_merges = vocab_size - 256 - 2
@@ -109,7 +109,8 @@ class BPETokenizer:
         ranks = [bytes([b]) for b in range(256)]
         known = set(ranks)
         while len(ranks) < 256 + n_merges and pair_counts:
-            best, _ = max(pair_counts.items(), key=_count)
+            top = max(pair_counts.values())
+            best = min(p for p, c in pair_counts.items() if c == top)
             merged = best[0] + best[1]
             if merged not in known:  # another pair may already have produced these bytes
                 ranks.append(merged)
@@ -178,10 +179,6 @@ class BPETokenizer:
     @classmethod
     def load(cls, path) -> "BPETokenizer":
         return tokenizer_from_dict(json.loads(Path(path).read_text()))
-
-
-def _count(item):
-    return item[1]
 
 
 def _merge(symbols: list[bytes], pair: tuple[bytes, bytes], merged: bytes) -> list[bytes]:

@@ -1,0 +1,145 @@
+"""Text -> token ids on disk -> batches for next-token prediction.
+
+The token stream is written once as a numpy memmap (``tokens.bin``, uint16 when the vocabulary fits, else uint32)
+beside ``meta.json``, which records the tokenizer and the source files. A second run with the same sources and
+tokenizer reads them back instead of tokenising again; a run that asks for another tokenizer is refused.
+
+Documents (files, or the built-in corpus's paragraphs) are joined with the end-of-text token. The last
+``val_fraction`` of the stream is the validation split, as nanoGPT does, so validation losses compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokenizer import get_tokenizer, tokenizer_from_dict
+
+
+@dataclass
+class TokenData:
+    """The token stream of a prepared data directory, split into train and validation."""
+
+    tokens: np.ndarray  # (N,) memmap of token ids
+    tokenizer: object
+    n_val: int
+    source: str  # for error messages
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.tokens[: len(self.tokens) - self.n_val]
+
+    @property
+    def val(self) -> np.ndarray:
+        return self.tokens[len(self.tokens) - self.n_val :]
+
+    def check_length(self, block_size: int) -> None:
+        """Both splits need at least block_size + 1 tokens (one window plus its shifted target)."""
+        for split, arr in (("train", self.train), ("validation", self.val)):
+            if len(arr) < block_size + 1:
+                raise ValueError(
+                    f"{self.source}: the {split} split has {len(arr)} tokens, fewer than block_size + 1 = "
+                    f"{block_size + 1} ({len(self.tokens)} tokens in all); give more text or a smaller --block-size"
+                )
+
+
+def read_texts(paths) -> list[str]:
+    """The contents of each text file; a missing or empty file is an error naming it."""
+    texts = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"data file {str(p)!r} does not exist")
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"data file {str(p)!r} is empty")
+        texts.append(text)
+    return texts
+
+
+def _fingerprint(documents: list[str]) -> str:
+    h = hashlib.sha256()
+    for d in documents:
+        h.update(hashlib.sha256(d.encode("utf-8")).digest())
+    return h.hexdigest()[:16]
+
+
+def prepare(documents: list[str], data_dir, tokenizer_spec: str = "bpe", vocab_size: int = 512,
+            val_fraction: float = 0.1, source: str = "text") -> TokenData:
+    """Tokenise documents into data_dir (or reuse what an earlier run wrote there) and return the token data.
+
+    tokenizer_spec: "char" or "bpe" (trained on the documents), a named tiktoken encoding, or a tokenizer file.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    data_dir = Path(data_dir)
+    meta_path, bin_path = data_dir / "meta.json", data_dir / "tokens.bin"
+    fingerprint = _fingerprint(documents)
+    wanted = {"spec": tokenizer_spec, "vocab_size": vocab_size if tokenizer_spec == "bpe" else None}
+    if meta_path.is_file() and bin_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["tokenizer_request"] != wanted:
+            raise ValueError(
+                f"{data_dir} holds tokens made with tokenizer {meta['tokenizer_request']}, not {wanted}; "
+                f"use another data directory or delete this one"
+            )
+        if meta["fingerprint"] == fingerprint:
+            tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+            return TokenData(tokens, tokenizer_from_dict(meta["tokenizer"]), int(len(tokens) * val_fraction), source)
+
+    text = "".join(documents)
+    if not text.strip():
+        raise ValueError(f"{source}: no text to train on")
+    tokenizer = get_tokenizer(tokenizer_spec, text=text, vocab_size=vocab_size)
+    ids = []
+    encoded = tokenizer.encode_batch(documents) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, documents)
+    for doc_ids in encoded:
+        ids.extend(doc_ids)
+        ids.append(tokenizer.eos_token_id)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = bin_path.with_suffix(".bin.tmp")
+    np.asarray(ids, dtype=dtype).tofile(tmp)
+    os.replace(tmp, bin_path)
+    meta = {
+        "tokenizer_request": wanted,
+        "tokenizer": tokenizer.to_dict(),
+        "dtype": np.dtype(dtype).name,
+        "n_tokens": len(ids),
+        "fingerprint": fingerprint,
+        "source": source,
+    }
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    return TokenData(tokens, tokenizer, int(len(tokens) * val_fraction), source)
+
+
+def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator):
+    """batch_size windows at random offsets: inputs x (B, T) and targets y = x shifted by one (B, T)."""
+    ix = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).tolist()  # i + T + 1 <= N
+    return _windows(tokens, ix, block_size)
+
+
+def fixed_windows(tokens: np.ndarray, n_windows: int, block_size: int) -> list[int]:
+    """n_windows offsets spread evenly over the split: the same every evaluation, so losses compare."""
+    last = len(tokens) - block_size - 1
+    return np.linspace(0, last, n_windows).round().astype(np.int64).tolist()
+
+
+def _windows(tokens, offsets, block_size):
+    x = torch.from_numpy(np.stack([tokens[i : i + block_size] for i in offsets]).astype(np.int64))
+    y = torch.from_numpy(np.stack([tokens[i + 1 : i + 1 + block_size] for i in offsets]).astype(np.int64))
+    return x, y  # (B, T), (B, T)
+
+
+def window_batches(tokens: np.ndarray, offsets: list[int], batch_size: int, block_size: int):
+    """Batches (x, y) of the windows at the given offsets."""
+    for start in range(0, len(offsets), batch_size):
+        yield _windows(tokens, offsets[start : start + batch_size], block_size)

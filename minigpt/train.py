@@ -1,0 +1,495 @@
+"""The one training loop, shared by pretraining, SFT (any PEFT method) and reward modelling; and the pretraining CLI.
+
+    train(model, get_batch, loss_fn, cfg, eval_fn)
+
+- ``get_batch(generator)`` draws one micro-batch with the torch.Generator it is given. The loop seeds a fresh generator
+  for every micro-batch from (seed, iteration, micro-batch index), so the data a run sees depends on nothing else:
+  a resumed run sees the same batches as an uninterrupted one, and N processes see the same global batch as one
+  process accumulating N micro-batches (each rank draws different micro-batches).
+- ``loss_fn(model, batch)`` returns the scalar loss; ``eval_fn(model)`` returns metrics including ``val_loss``.
+
+What the loop does: AdamW with weight decay on weight matrices only, linear warm-up then cosine decay to min_lr,
+gradient accumulation, gradient clipping, mixed precision on GPUs, DistributedDataParallel under torchrun,
+a progress bar, metrics.jsonl, a loss-curve PNG, atomic checkpoints (latest and best) that resume exactly.
+
+CLI (pretraining): ``python -m minigpt.train --help``; with no --data it trains on the built-in corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .config import PRESETS, GPTConfig, preset
+from .model import GPT
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 2000
+    batch_size: int = 12
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None: decay over max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    gradient_accumulation_steps: int = 1  # micro-batches per iteration, over all processes together
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    out_dir: str = "out/pretrain"
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "auto"  # auto: bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU
+    compile: bool = False
+    decay_embeddings: bool = False
+    save_trainable_only: bool = False  # PEFT: checkpoints hold only the trained tensors
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                     "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
+
+
+# -- learning rate and optimizer ------------------------------------------------------------------------------
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr over warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False):
+    """Two AdamW groups: weight decay on the weight matrices of Linear layers (and of the embeddings if
+    decay_embeddings); none on biases, LayerNorm gains or, by default, the embeddings. Decaying an embedding
+    shrinks the rows of rare tokens, which get few gradient updates to push back, so we leave them alone."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # distinct parameters: the tied head appears once
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings)
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def configure_optimizer(model, cfg: TrainConfig, device_type: str):
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    if not groups[0]["params"] and not groups[1]["params"]:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+
+# -- devices, precision, processes ----------------------------------------------------------------------------
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():  # does not initialise CUDA when there is none
+        return torch.device("cuda", local_rank)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def precision(device: torch.device, dtype: str = "auto"):
+    """(autocast context, GradScaler or None): bf16 autocast on GPUs that support it, fp16 + GradScaler on the
+    others, plain float32 on CPU and MPS."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            dtype = "float32"
+        else:
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if dtype == "float32":
+        return contextlib.nullcontext(), None
+    ctx = torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    scaler = torch.amp.GradScaler(device.type) if dtype == "float16" else None
+    return ctx, scaler
+
+
+@dataclass
+class Processes:
+    """Where this process sits among the torchrun processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_processes() -> Processes:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Processes()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return Processes(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint with weights_only=True: tensors and plain containers only, never pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {str(path)!r}: it holds objects other than tensors and plain containers "
+            f"(possibly code); only checkpoints of plain data are loaded ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def model_from_checkpoint(ckpt: dict) -> GPT:
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def _generator(seed: int, it: int, micro: int) -> torch.Generator:
+    """The generator for micro-batch `micro` of iteration `it`: a pure function of the three numbers."""
+    state = np.random.SeedSequence([seed, it, micro]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _n_tokens(batch) -> int:
+    first = batch if isinstance(batch, torch.Tensor) else next(iter(batch.values() if isinstance(batch, dict) else batch))
+    return first.numel()
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+
+def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict | None = None, resume=None,
+          procs: Processes | None = None) -> list[dict]:
+    """Train model in place and return the metrics rows. meta (model config, tokenizer, ...) goes into every
+    checkpoint; resume is a checkpoint dict to continue from. Returns the metrics written to metrics.jsonl."""
+    procs = procs or init_processes()
+    device = select_device(cfg.device, procs.local_rank)
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed + procs.rank)  # dropout differs across ranks, as the data does
+    model.to(device)
+    raw_model = model
+    optimizer = configure_optimizer(raw_model, cfg, device.type)
+    autocast, scaler = precision(device, cfg.dtype)
+    if cfg.gradient_accumulation_steps % procs.world_size:
+        raise ValueError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
+                         f"the number of processes ({procs.world_size})")
+    accum = cfg.gradient_accumulation_steps // procs.world_size
+    start, best_val, elapsed_before = 0, float("inf"), 0.0
+    if resume is not None:
+        raw_model.load_state_dict(resume["model"], strict=not cfg.save_trainable_only)
+        optimizer.load_state_dict(resume["optimizer"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        if procs.world_size == 1:
+            torch.set_rng_state(resume["rng"])  # dropout continues exactly where it stopped
+        else:
+            torch.manual_seed(cfg.seed + procs.rank + resume["iter"])
+        start, best_val, elapsed_before = resume["iter"] + 1, resume["best_val_loss"], resume.get("elapsed_s", 0.0)
+    if cfg.compile:
+        model = torch.compile(model)
+    if procs.world_size > 1:
+        model = DDP(model, device_ids=[procs.local_rank] if device.type == "cuda" else None)
+
+    metrics_path = out_dir / "metrics.jsonl"
+    rows = _start_metrics(metrics_path, start) if procs.is_main else []
+    bar = _progress(cfg, start, procs)
+    t0, tokens_seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+    for it in range(start, cfg.max_iters):
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accum):
+            global_micro = procs.rank * accum + micro
+            batch = _to_device(get_batch(_generator(cfg.seed, it, global_micro)), device)
+            tokens_seen += _n_tokens(batch) * procs.world_size
+            last = micro == accum - 1
+            with (model.no_sync() if procs.world_size > 1 and not last else contextlib.nullcontext()), autocast:
+                loss = loss_fn(model, batch) / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.detach()
+        step_loss = step_loss.item()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(
+                f"the loss is {step_loss} at iteration {it}; stopping (the last checkpoint in {out_dir} is intact)"
+            )
+        if cfg.grad_clip > 0:
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_loss = loss_sum + step_loss, n_loss + 1
+
+        elapsed = time.perf_counter() - t0
+        tokens_per_s = tokens_seen / max(elapsed, 1e-9)
+        is_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters - 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if not procs.is_main or not (is_eval or it % cfg.log_interval == 0):
+            continue
+        row = {"iter": it, "train_loss": loss_sum / n_loss, "val_loss": None, "lr": lr,
+               "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_before + elapsed, 3)}
+        loss_sum, n_loss = 0.0, 0
+        if is_eval and eval_fn is not None:
+            extra = eval_fn(raw_model)
+            row.update(extra)
+            if bar is not None:
+                bar.write(f"iter {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()
+                                                       if isinstance(v, float)))
+        rows.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if is_eval:
+            val = row.get("val_loss")
+            improved = val is not None and val < best_val
+            best_val = val if improved else best_val
+            state = _checkpoint_state(raw_model, optimizer, scaler, it, best_val, elapsed_before + elapsed, cfg, meta)
+            save_checkpoint(out_dir / "ckpt.pt", state)
+            if improved:
+                save_checkpoint(out_dir / "best.pt", state)
+    if bar is not None:
+        bar.close()
+    if procs.is_main and cfg.plot and rows:
+        plot_losses(rows, out_dir / "loss.png")
+    return rows
+
+
+def _checkpoint_state(model, optimizer, scaler, it, best_val, elapsed, cfg, meta):
+    state_dict = model.state_dict()
+    if cfg.save_trainable_only:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state_dict = {k: v for k, v in state_dict.items() if k in trainable}
+    return {
+        "model": state_dict,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "iter": it,
+        "best_val_loss": best_val,
+        "elapsed_s": elapsed,
+        "rng": torch.get_rng_state(),  # the main process's; other ranks reseed on resume
+        "train_config": dataclasses.asdict(cfg),
+        **(meta or {}),
+    }
+
+
+def _start_metrics(path: Path, start: int) -> list[dict]:
+    """Rows already written for iterations before start (a resumed run drops the later ones and appends)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if start > 0 and path.is_file():
+        rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["iter"] < start]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _progress(cfg, start, procs):
+    if not (cfg.progress and procs.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_iters, initial=start, desc=Path(cfg.out_dir).name, dynamic_ncols=True)
+
+
+def plot_losses(rows: list[dict], path) -> None:
+    """Training loss (every logged iteration) and validation loss (every evaluation) against iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train (running mean)", lw=1)
+    val = [r for r in rows if r.get("val_loss") is not None]
+    if val:
+        ax.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(f"Loss curve: {Path(path).parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- pretraining CLI ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m minigpt.train",
+        description="Pretrain a GPT on text: the built-in corpus by default, or your own files with --data. "
+        "Runs on several processes with torchrun --nproc_per_node=N -m minigpt.train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = TrainConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", help="text file(s) to train on (default: the built-in corpus)")
+    g.add_argument("--tokenizer", default="bpe", help="bpe | char | gpt2 | cl100k_base | path/to/tokenizer.json")
+    g.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size when --tokenizer bpe")
+    g.add_argument("--corpus-seed", type=int, default=0, help="seed of the built-in corpus")
+    g.add_argument("--corpus-chars", type=int, default=1_500_000, help="size of the built-in corpus in characters")
+    g.add_argument("--data-dir", help="where the token ids are cached (default: OUT_DIR/data)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="baby", choices=sorted(PRESETS), help="model size; the flags below override it")
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        g.add_argument("--" + name.replace("_", "-"), type=int)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--layout", choices=["pre_ln", "post_ln"], default="pre_ln")
+    g = p.add_argument_group("training")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("progress", "plot", "save_trainable_only", "compile", "decay_embeddings"):
+            continue
+        default = getattr(d, f.name)
+        g.add_argument("--" + f.name.replace("_", "-"), type=type(default) if default is not None else int,
+                       default=default)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--decay-embeddings", action="store_true", help="apply weight decay to the embeddings too")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def load_documents(args) -> tuple[list[str], str]:
+    if args.data:
+        from .data import read_texts
+
+        return read_texts(args.data), ", ".join(args.data)
+    from .corpus import build_corpus
+
+    text = build_corpus(seed=args.corpus_seed, n_chars=args.corpus_chars)
+    return [d + "\n" for d in text.split("\n\n") if d.strip()], f"built-in corpus (seed {args.corpus_seed})"
+
+
+def main(argv=None) -> list[dict]:
+    from .data import fixed_windows, prepare, random_batch, window_batches
+
+    args = build_parser().parse_args(argv)
+    cfg_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in cfg_fields and k not in ("progress",)},
+                      progress=not args.no_progress)
+    procs = init_processes()
+    documents, source = load_documents(args)
+    for turn in ("main", "others"):  # the main process tokenises; the others then read what it wrote
+        if (turn == "main") == procs.is_main:
+            data = prepare(documents, args.data_dir or Path(cfg.out_dir) / "data", args.tokenizer, args.vocab_size,
+                           source=source)
+        if procs.world_size > 1:
+            dist.barrier()
+    tokenizer = data.tokenizer
+    resume = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt") if args.resume else None
+    if resume is not None:
+        model_config = GPTConfig.from_dict(resume["model_config"])
+    else:
+        sizes = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
+        model_config = preset(args.preset, vocab_size=tokenizer.vocab_size, dropout=args.dropout,
+                              layout=args.layout, **sizes)
+    data.check_length(model_config.block_size)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
+    model = GPT(model_config)
+    model.check_tokenizer(tokenizer)
+    T = model_config.block_size
+    val_offsets = fixed_windows(data.val, cfg.eval_iters * cfg.batch_size, T)
+
+    def get_batch(generator):
+        return random_batch(data.train, cfg.batch_size, T, generator)
+
+    def loss_fn(m, batch):
+        return m(batch[0], batch[1])[1]
+
+    @torch.no_grad()
+    def evaluate(m):
+        m.eval()
+        device = next(m.parameters()).device
+        losses = [m(x.to(device), y.to(device))[1].item() for x, y in window_batches(data.val, val_offsets,
+                                                                                      cfg.batch_size, T)]
+        return {"val_loss": float(np.mean(losses))}
+
+    if procs.is_main:
+        print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "
+              f"tokenizer {tokenizer.name}")
+        print(f"model: {model.num_parameters():,} parameters, {model_config}")
+    meta = {"model_config": model_config.to_dict(), "tokenizer": tokenizer.to_dict(), "stage": "pretrain"}
+    rows = train(model, get_batch, loss_fn, cfg, evaluate, meta=meta, resume=resume, procs=procs)
+    if procs.is_main and rows:
+        last = [r for r in rows if r.get("val_loss") is not None]
+        if last:
+            print(f"final validation loss {last[-1]['val_loss']:.4f} after {last[-1]['iter'] + 1} iterations, "
+                  f"{last[-1]['elapsed_s']:.1f} s; checkpoints in {cfg.out_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The training loop: schedule, optimizer groups, accumulation, checkpoints, resume, NaN, data on disk, DDP."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import minigpt.train as train_mod
+from minigpt import GPT, preset
+from minigpt.data import fixed_windows, prepare, random_batch
+from minigpt.train import TrainConfig, load_checkpoint, lr_at, param_groups, save_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "".join(f"{a} plus {b} makes {a + b}. The cat sat on mat number {a}.\n" for a in range(40) for b in range(8))
+
+
+def test_lr_schedule_matches_warmup_then_cosine():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110, max_iters=200)
+    assert lr_at(0, cfg) == pytest.approx(1e-3 * 1 / 11)  # warm-up: lr * (it + 1) / (warmup + 1)
+    assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # cosine starts at lr
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way: cos(pi/2) = 0
+    assert lr_at(85, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.75)) * 9e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(199, cfg) == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_linear_weight_matrices():
+    model = GPT(preset("tiny", vocab_size=50))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    expected = {n for n, p in model.named_parameters() if n.endswith(".weight") and p.dim() == 2 and "wte" not in n
+                and "wpe" not in n}
+    assert decayed == expected and len(expected) == 2 * 6  # q, k, v, proj, fc, mlp.proj per block
+    assert {names[id(p)] for p in no_decay["params"]} == set(names.values()) - expected
+    with_emb = {names[id(p)] for p in param_groups(model, 0.1, decay_embeddings=True)[0]["params"]}
+    assert with_emb == expected | {"input_layer.wte.weight", "input_layer.wpe.weight"}
+
+
+def _tiny_run(tmp_path, name, **overrides):
+    """Train a tiny GPT on fixed synthetic tokens with the real loop; returns (model, rows)."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=40, dropout=0.1))
+    tokens = np.random.default_rng(0).integers(0, 40, 5000).astype(np.uint16)
+    kw = dict(max_iters=6, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_iters=2, eval_interval=3, eval_iters=2,
+              log_interval=1, out_dir=str(tmp_path / name), progress=False, plot=False)
+    cfg = TrainConfig(**{**kw, **overrides})
+
+    def evaluate(m):
+        m.eval()
+        x, y = random_batch(tokens, 4, 32, torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            return {"val_loss": m(x, y)[1].item()}
+
+    rows = train(model, lambda g: random_batch(tokens, cfg.batch_size, 32, g), lambda m, b: m(*b)[1], cfg, evaluate,
+                 meta={"model_config": model.config.to_dict()})
+    return model, rows
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path, monkeypatch):
+    # SGD makes the parameter change proportional to the gradient, so equal parameters mean equal gradients
+    monkeypatch.setattr(train_mod, "configure_optimizer",
+                        lambda model, cfg, device_type: torch.optim.SGD(model.parameters(), lr=cfg.lr))
+    data = torch.randint(0, 40, (8, 33), generator=torch.Generator().manual_seed(1))
+    seeds = {}
+
+    def get_batch(g):  # micro-batch k of the accumulated run gets rows 4k..4k+3; the big batch gets all 8
+        k = seeds.setdefault(g.initial_seed(), len(seeds))
+        rows = data if big else data[4 * k : 4 * k + 4]
+        return rows[:, :-1], rows[:, 1:]
+
+    results = []
+    for big, accum in ((True, 1), (False, 2)):
+        seeds.clear()
+        torch.manual_seed(0)
+        model = GPT(preset("tiny", vocab_size=40))
+        cfg = TrainConfig(max_iters=1, batch_size=8 if big else 4, gradient_accumulation_steps=accum, lr=0.5,
+                          min_lr=0.5, warmup_iters=0, grad_clip=0, out_dir=str(tmp_path / str(accum)),
+                          progress=False, plot=False)
+        train(model, get_batch, lambda m, b: m(*b)[1], cfg)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+def test_resume_gives_the_same_loss_curve(tmp_path):
+    _, full = _tiny_run(tmp_path, "full", max_iters=12, lr_decay_iters=12)
+    _tiny_run(tmp_path, "split", max_iters=7, lr_decay_iters=12)  # stops after iteration 6 (a checkpoint)
+    ckpt = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert ckpt["iter"] == 6
+    torch.manual_seed(123)  # whatever the RNG state now, resume restores the saved one
+    model = GPT(preset("tiny", vocab_size=40, dropout=0.1))
+    tokens = np.random.default_rng(0).integers(0, 40, 5000).astype(np.uint16)
+    cfg = TrainConfig(max_iters=12, lr_decay_iters=12, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_iters=2,
+                      eval_interval=3, eval_iters=2, log_interval=1, out_dir=str(tmp_path / "split"),
+                      progress=False, plot=False)
+    train(model, lambda g: random_batch(tokens, 4, 32, g), lambda m, b: m(*b)[1], cfg, resume=ckpt)
+    resumed = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in resumed] == list(range(12))
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]  # exactly, on CPU
+
+
+def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_path):
+    model = GPT(preset("tiny", vocab_size=40))
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        calls["n"] += 1
+        loss = m(*batch)[1]
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    cfg = TrainConfig(max_iters=10, batch_size=2, eval_interval=2, out_dir=str(tmp_path), progress=False, plot=False)
+    tokens = np.arange(1000, dtype=np.uint16) % 40
+    with pytest.raises(FloatingPointError, match="at iteration 4"):
+        train(model, lambda g: random_batch(tokens, 2, 16, g), loss_fn, cfg, lambda m: {"val_loss": 1.0})
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == 2
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"iter": 1, "w": torch.ones(3)})
+
+    def crash(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"iter": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iter"] == 1
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    torch.save({"model": {}, "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+# -- data on disk ---------------------------------------------------------------------------------------------
+
+
+def test_memmap_round_trip_and_reuse(tmp_path):
+    docs = [TEXT[:3000], TEXT[3000:6000]]
+    data = prepare(docs, tmp_path / "d", "char")
+    tok = data.tokenizer
+    expected = tok.encode(docs[0]) + [tok.eos_token_id] + tok.encode(docs[1]) + [tok.eos_token_id]
+    assert data.tokens.dtype == np.uint16 and data.tokens.tolist() == expected
+    assert len(data.val) == int(0.1 * len(expected)) and data.val.tolist() == expected[-len(data.val):]
+    mtime = (tmp_path / "d" / "tokens.bin").stat().st_mtime_ns
+    again = prepare(docs, tmp_path / "d", "char")  # reused, not rewritten
+    assert (tmp_path / "d" / "tokens.bin").stat().st_mtime_ns == mtime and again.tokens.tolist() == expected
+    with pytest.raises(ValueError, match="holds tokens made with tokenizer"):
+        prepare(docs, tmp_path / "d", "bpe")
+
+
+def test_too_short_data_names_the_counts(tmp_path):
+    data = prepare(["abcdefghij" * 5], tmp_path / "d", "char")
+    with pytest.raises(ValueError, match=r"validation split has 5 tokens, fewer than block_size \+ 1 = 33"):
+        data.check_length(32)
+    with pytest.raises(ValueError, match="empty"):
+        from minigpt.data import read_texts
+
+        (tmp_path / "e.txt").write_text("  \n")
+        read_texts([tmp_path / "e.txt"])
+
+
+def test_batches_are_shifted_windows_and_validation_windows_are_fixed():
+    tokens = np.arange(100, dtype=np.uint16)
+    x, y = random_batch(tokens, 5, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(y, x + 1) and x.shape == (5, 8) and int(y.max()) <= 99
+    assert fixed_windows(tokens, 3, 8) == [0, 46, 91]
+
+
+# -- the CLI end to end ---------------------------------------------------------------------------------------
+
+
+def test_cli_run_lowers_validation_loss_and_writes_its_outputs(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "run"
+    rows = train_mod.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny",
+                           "--max-iters", "60", "--eval-interval", "30", "--eval-iters", "4", "--batch-size", "8",
+                           "--lr", "3e-3", "--warmup-iters", "5", "--out-dir", str(out), "--no-progress"])
+    vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    assert vals[-1] < vals[0] - 0.5
+    assert {"ckpt.pt", "best.pt", "loss.png", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["tokenizer"]["type"] == "char" and ckpt["model_config"]["n_layer"] == 2
+    from minigpt.sample import sample
+
+    texts = sample(out / "best.pt", prompt="3 plus", num_samples=2, max_new_tokens=10)
+    assert len(texts) == 2 and all(t.startswith("3 plus") for t in texts)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    common = ["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny", "--max-iters", "4",
+              "--eval-interval", "100", "--eval-iters", "1", "--batch-size", "4", "--gradient-accumulation-steps",
+              "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "minigpt.train", *common, "--out-dir", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "minigpt.train", *common, "--out-dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
