@@ -11,7 +11,8 @@ residual sum ("post_ln"), the layout whose equations the BitFit paper writes out
 This file holds the model only: PEFT methods patch its modules from outside (see ``peft/``), and RLHF wraps it.
 Two small conventions let them do so without method code here:
 - a patched input layer may prepend virtual tokens (prompt tuning); ``GPT.forward`` notices the extra positions,
-  lets real tokens attend to them, and returns logits for the real tokens only;
+  lets real tokens attend to them, and returns logits for the real tokens only; ``generate`` reads how many from
+  the layer's ``num_virtual_tokens`` (default 0) to keep its sliding window within block_size;
 - an attention mask always covers the real (cached + new) tokens; a patched attention that prepends its own keys
   (prefix-tuning) widens the mask itself.
 """
@@ -295,13 +296,13 @@ class GPT(nn.Module):
         itself = torch.ones(T, S, dtype=torch.bool, device=key_mask.device).tril(S - T).triu(S - T)  # (T, S)
         return mask | itself
 
-    def forward(self, idx=None, targets=None, *, inputs_embeds=None, attention_mask=None, cache=None):
-        """Logits for every position, and the mean cross-entropy over targets != -100 when targets are given.
+    def hidden_states(self, idx=None, *, inputs_embeds=None, attention_mask=None, cache=None):
+        """The encoder's output h_n (B, T, C) for the real tokens: input layer -> blocks, before the output layer.
+        The reward model and PPO's value head read these (through the final LayerNorm) instead of the logits.
 
         idx: (B, T) token ids, or inputs_embeds: (B, T, C).
         attention_mask: (B, T) with 1 for real tokens and 0 for padding (left padding for generation).
         cache: a KVCache to read past keys and values from and append these to (incremental decoding).
-        Returns (logits (B, T, vocab), loss or None).
         """
         past = len(cache) if cache is not None else 0
         B, T = self._check_input(idx, inputs_embeds, past)
@@ -328,9 +329,16 @@ class GPT(nn.Module):
         attn_mask = self._attention_mask(mask, x.size(1)) if padded else None
 
         x = self.encoder(x, attn_mask, cache)  # (B, T', C)
-        if n_virtual:
-            x = x[:, n_virtual:]  # logits for the real tokens only
-        logits = self.output_layer(x)  # (B, T, vocab)
+        return x[:, n_virtual:] if n_virtual else x  # the real tokens only: (B, T, C)
+
+    def forward(self, idx=None, targets=None, *, inputs_embeds=None, attention_mask=None, cache=None):
+        """Logits for every position, and the mean cross-entropy over targets != -100 when targets are given.
+
+        Arguments as for hidden_states. Returns (logits (B, T, vocab), loss or None).
+        """
+        h = self.hidden_states(idx, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache)
+        logits = self.output_layer(h)  # (B, T, vocab)
+        B, T = logits.shape[:2]
         loss = None
         if targets is not None:
             if targets.shape != (B, T):
@@ -371,12 +379,13 @@ class GPT(nn.Module):
         fill = eos_token_id if pad_token_id is None else pad_token_id
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         cache = KVCache(self.config.n_layer) if use_cache else None
+        window = self.config.block_size - getattr(self.input_layer, "num_virtual_tokens", 0)  # real tokens that fit
         step_input, step_mask = idx, mask
         for _ in range(max_new_tokens):
             if cache is not None and len(cache) + step_input.size(1) > self.config.block_size:
                 cache = None  # context full: slide the window from now on
             if cache is None:
-                step_input, step_mask = idx[:, -self.config.block_size :], mask[:, -self.config.block_size :]
+                step_input, step_mask = idx[:, -window:], mask[:, -window:]
             logits, _ = self(step_input, attention_mask=None if attention_mask is None else step_mask, cache=cache)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:

@@ -303,9 +303,9 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
         if is_eval and eval_fn is not None:
             extra = eval_fn(raw_model)
             row.update(extra)
-            if bar is not None:
-                bar.write(f"iter {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()
-                                                       if isinstance(v, float)))
+            message = f"iter {it}: train_loss {row['train_loss']:.4f}, " + ", ".join(
+                f"{k} {v:.4f}" for k, v in extra.items() if isinstance(v, float))
+            bar.write(message) if bar is not None else print(message, flush=True)
         rows.append(row)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -7,6 +7,7 @@
     with peft.disable_adapters(model): ...      # the base model's outputs, without a second copy in memory
     peft.save_adapter(model, "adapter.safetensors"); peft.load_adapter(base_model, "adapter.safetensors")
     peft.unload(model)                          # the original modules back
+    with peft.task_ids(model, [2, 0]): ...      # prompt methods: row b uses task ids[b]'s prompt (mixed-task batch)
 
 The methods: BitFit, Prompt Tuning, P-Tuning (v1), Prefix-Tuning, P-Tuning v2, LoRA, IA3 and Houlsby adapters.
 This package is imported as ``peft``, like Hugging Face's: do not install both into one environment.
@@ -31,7 +32,7 @@ from .ia3 import IA3Config
 from .lora import LoraConfig
 from .p_tuning import PTuningConfig
 from .prefix_tuning import PrefixTuningConfig, PTuningV2Config
-from .prompt_tuning import PromptTuningConfig
+from .prompt_tuning import PromptTuningConfig, task_ids
 
 METHODS = {
     BitFitConfig: bitfit,
@@ -62,6 +63,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "save_adapter",
+    "task_ids",
     "unload",
     "unmerge",
 ]
@@ -78,9 +80,15 @@ def get_peft_model(model: nn.Module, config) -> nn.Module:
         )
     if not hasattr(model, "encoder") or not hasattr(model, "input_layer"):
         raise TypeError(f"peft methods patch a minigpt GPT; got a {type(model).__name__}")
+    was_trainable = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    METHODS[type(config)].apply(model, config)
+    try:
+        METHODS[type(config)].apply(model, config)
+    except Exception:  # a refused config leaves the model as it was
+        for p, flag in was_trainable.items():
+            p.requires_grad_(flag)
+        raise
     model.peft_config = config
     return model
 
@@ -207,6 +215,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         get_peft_model(model, config)
     elif model.peft_config != config:
         raise ValueError(f"the model carries {model.peft_config}, but {path} holds {config}")
+    if any(layer.merged for layer in adapter_layers(model)):
+        raise ValueError("load_adapter into a merged model: call peft.unmerge(model) first")
     tensors = load_file(str(path))
     params = dict(model.named_parameters())
     expected = set(adapter_state_dict(model))

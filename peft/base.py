@@ -37,6 +37,22 @@ def get_submodule_parent(model: nn.Module, name: str):
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def name_list(what: str, names) -> list[str]:
+    """Check a config's list of module names and return it as a list (a tuple would not survive a JSON round trip
+    unchanged)."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"{what} must be a non-empty list of module names, e.g. ['query', 'value'], got {names!r}")
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{what} must hold non-empty strings, got {names!r}")
+    return list(names)
+
+
+def tied_names(model: nn.Module, tensor) -> list[str]:
+    """Every name under which tensor is a parameter of model: more than one when weights are tied (the GPT's output
+    head shares the token embedding), so changing it in place would change the other module too."""
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is tensor]
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, child = get_submodule_parent(model, name)
     setattr(parent, child, new)

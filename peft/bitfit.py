@@ -1,6 +1,119 @@
-"""BitFit (stub, to be written)."""
+"""BitFit: bias-terms fine-tuning (Ben Zaken, Ravfogel and Goldberg 2021, "BitFit: Simple Parameter-efficient
+Fine-tuning for Transformer-based Masked Language-models", Section 3).
+
+Every weight matrix stays frozen; only the bias vectors b train. The paper writes out the BERT encoder with its
+biases (its equations for one layer l, heads m):
+
+    Q^{m,l}(x) = W_q^{m,l} x + b_q^{m,l}     K^{m,l}(x) = W_k^{m,l} x + b_k^{m,l}     V^{m,l}(x) = W_v^{m,l} x + b_v^{m,l}
+    h_2 = Dropout(W_m1 h_1 + b_m1)                  attention output projection      -> attn.proj here
+    h_3 = g_LN1 ⊙ (h_2 + x - mu) / sigma + b_LN1    LayerNorm                         -> ln_1
+    h_4 = GELU(W_m2 h_3 + b_m2)                     the MLP's intermediate layer      -> mlp.fc
+    h_5 = Dropout(W_m3 h_4 + b_m3)                  the MLP's output layer            -> mlp.proj
+    out = g_LN2 ⊙ (h_5 + h_3 - mu) / sigma + b_LN2  LayerNorm                         -> ln_2
+
+and trains exactly the b's. Its reduced variant trains only b_q and b_m2, the biases that move most during
+fine-tuning: ``BitFitConfig(target_modules=REDUCED_TARGETS)``.
+
+Config choice: the paper's b_LN are LayerNorm biases, so by default every bias is trained, LayerNorm biases included
+(the final ln_f too); ``include_layernorm=False`` trains the Linear biases only. The LayerNorm gains g stay frozen.
+
+BitFit trains the base model's own tensors, so there are no wrapper layers. ``apply`` keeps a frozen copy of each
+selected original bias (a non-persistent buffer on its module: biases are tiny, and the copy follows the module
+across devices and dtypes); ``disable`` swaps the originals in for the duration of a ``with`` block and ``unload``
+copies them back for good.
+"""
+
+from __future__ import annotations
+
+import contextlib
 from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .base import find_modules, name_list
+
+REDUCED_TARGETS = ["attn.query", "mlp.fc"]  # the paper's b_q and b_m2
+ORIGINAL = "bitfit_original_bias"  # name of the buffer holding the frozen copy of a module's original bias
+
+
 @dataclass
 class BitFitConfig:
+    """target_modules: None trains every bias of the model; a list of module names (or name endings) trains those
+    modules' biases only, e.g. REDUCED_TARGETS. include_layernorm: whether LayerNorm biases may be trained."""
+
     method = "bitfit"
-def apply(model, config): raise NotImplementedError
+
+    target_modules: list | None = None
+    include_layernorm: bool = True
+
+    def __post_init__(self):
+        if self.target_modules is not None:
+            self.target_modules = name_list("BitFitConfig.target_modules", self.target_modules)
+        if not isinstance(self.include_layernorm, bool):
+            raise ValueError(f"BitFitConfig.include_layernorm must be True or False, got {self.include_layernorm!r}")
+
+
+def _has_bias(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "bias", None), nn.Parameter)
+
+
+def selected_modules(model: nn.Module, config: BitFitConfig) -> list[str]:
+    """Names of the modules whose bias BitFit trains under config."""
+    if config.target_modules is None:
+        names = [n for n, m in model.named_modules() if n and _has_bias(m)]
+        if not names:
+            raise ValueError("the model has no bias terms (built with bias=False?); BitFit trains only biases")
+    else:
+        names = find_modules(model, config.target_modules)
+        lacking = [n for n in names if not _has_bias(model.get_submodule(n))]
+        if lacking:
+            raise ValueError(f"BitFit target modules {lacking} have no bias to train; expected modules with a bias")
+    layernorms = [n for n in names if isinstance(model.get_submodule(n), nn.LayerNorm)]
+    if not config.include_layernorm:
+        if config.target_modules is not None and layernorms:
+            raise ValueError(f"targets {layernorms} are LayerNorms, but BitFitConfig.include_layernorm is False")
+        names = [n for n in names if n not in layernorms]
+    return names
+
+
+def apply(model: nn.Module, config: BitFitConfig) -> None:
+    """Make the selected biases trainable (everything else was frozen by get_peft_model), keeping their originals."""
+    if any(hasattr(m, ORIGINAL) for m in model.modules()):
+        raise ValueError("the model already carries BitFit; call peft.unload(model) first")
+    names = selected_modules(model, config)
+    for name in names:
+        module = model.get_submodule(name)
+        module.register_buffer(ORIGINAL, module.bias.detach().clone(), persistent=False)
+        module.bias.requires_grad_(True)
+
+
+def _patched(model: nn.Module) -> list[nn.Module]:
+    modules = [m for m in model.modules() if hasattr(m, ORIGINAL)]
+    if not modules:
+        raise ValueError("the model carries no BitFit biases")
+    return modules
+
+
+@contextlib.contextmanager
+def disable(model: nn.Module):
+    """Within the block every trained bias is replaced by its original (a frozen Parameter sharing the saved copy's
+    memory). The trained Parameter objects are put back afterwards, untouched: swapping objects instead of copying
+    values leaves autograd graphs built before the block valid."""
+    modules = _patched(model)
+    trained = [m.bias for m in modules]
+    try:
+        for m in modules:
+            m.bias = nn.Parameter(getattr(m, ORIGINAL), requires_grad=False)
+        yield model
+    finally:
+        for m, bias in zip(modules, trained):
+            m.bias = bias
+
+
+def unload(model: nn.Module) -> None:
+    """Copy the original biases back into the model's bias Parameters and drop the saved copies."""
+    with torch.no_grad():
+        for m in _patched(model):
+            m.bias.copy_(getattr(m, ORIGINAL))
+            delattr(m, ORIGINAL)

@@ -1,0 +1,335 @@
+"""Tasks with checkable answers, made from the same world as the pretraining corpus (``minigpt.corpus``).
+
+Five task families, each example a dict in the Alpaca layout plus its family name:
+``{"instruction", "input", "output", "task"}`` (``input`` may be "").
+
+==========  ==========================================  ====================================
+task        example instruction / input                 output
+==========  ==========================================  ====================================
+arithmetic  "What is 7 + 5?" / ""                       "12"
+reverse     "Reverse the list." / "cat, sun, tree"      "tree, sun, cat"
+sort        "Sort the words alphabetically." / "..."    "cat, sun, tree"
+story       "Where did Tom go?" / "Tom went to the..."  "the garden"
+fact        "What pet does Tom have?" / ""              "a dog" (stated in the corpus)
+==========  ==========================================  ====================================
+
+The ``fact`` answers are properties of ``build_world(seed)``: they are learnable only from a corpus built with the
+same seed, which is what the pipeline does.
+
+Held-out sets: every problem has a key (the numbers and operation, the word list, the story and question, the
+character and property). A fixed share of keys, chosen by the seed, is kept for testing, and every *_test set (SFT,
+preferences, PPO prompts) draws from those keys only, every *_train set from the rest. So no test example shares its
+(instruction, input), or even its underlying problem, with any training set.
+
+Preference pairs are ordered by a rule the reward model is never told: the correct answer is preferred over a near
+miss (a sum off by one, a partly reversed list, another place from the story) and over the correct answer followed
+by rambling or junk. ``ground_truth_score`` scores any response by the same rule, to measure the reward model and PPO.
+
+CLI: ``python -m minigpt.tasks --out-dir DIR --seed 0`` writes the JSONL files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import zlib
+from pathlib import Path
+
+from .corpus import (
+    ANIMALS,
+    COLOURS,
+    FACT_QUESTIONS,
+    FEELINGS,
+    FOODS,
+    LIST_WORDS,
+    MAX_OPERAND,
+    NAME_POOL,
+    OBJECTS,
+    PLACES,
+    article,
+    build_world,
+    join_words,
+    make_story,
+)
+
+TASKS = ("arithmetic", "reverse", "sort", "story", "fact")
+TEST_FRACTION = 0.2  # share of problem keys held out for the test sets
+MAX_EXAMPLE_CHARS = 250  # format_prompt(instruction, input) + output never exceeds this
+
+REVERSE_INSTRUCTIONS = ("Reverse the list.", "Write the words in reverse order.", "Reverse the order of these words.")
+SORT_INSTRUCTIONS = ("Sort the words alphabetically.", "Put the words in alphabetical order.",
+                     "Sort these words from A to Z.")
+RAMBLES = (". I think that is right, but I am not sure.", ", and that is all I can say about it.",
+           "\nLet me check it again. Maybe it is something else.", ". That was a fun question to answer!")
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The short Alpaca-like prompt; the Input section is left out when input is empty."""
+    if input:
+        return f"### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
+    return f"### Instruction:\n{instruction}\n### Response:\n"
+
+
+def example_length(example: dict) -> int:
+    """Characters in the whole example: the formatted prompt plus the answer."""
+    return len(format_prompt(example["instruction"], example.get("input", ""))) + len(example["output"])
+
+
+# -------------------------------------------------------------------------------------------------------- problems
+
+def _problem(task: str, rng: random.Random, world) -> tuple[tuple, dict]:
+    """A random problem of the family: (key, example dict)."""
+    if task == "arithmetic":
+        a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
+        x, op, y, answer = (a, "+", b, a + b) if rng.random() < 0.5 else (a + b, "-", b, a)
+        word = "plus" if op == "+" else "minus"
+        instruction, inp = rng.choice(((f"What is {x} {op} {y}?", ""), (f"What is {x} {word} {y}?", ""),
+                                       ("Calculate the result.", f"{x} {op} {y}")))
+        return ("arithmetic", x, op, y), _example(task, instruction, inp, str(answer))
+    if task in ("reverse", "sort"):
+        words = rng.sample(LIST_WORDS, rng.randint(3, 5))
+        while task == "sort" and words == sorted(words):  # an already sorted list teaches nothing
+            rng.shuffle(words)
+        answer = words[::-1] if task == "reverse" else sorted(words)
+        instruction = rng.choice(REVERSE_INSTRUCTIONS if task == "reverse" else SORT_INSTRUCTIONS)
+        return (task, tuple(words)), _example(task, instruction, join_words(words), join_words(answer))
+    if task == "story":
+        story = make_story(rng, world, n_events=rng.randint(2, 3), n_people=2)
+        question, answer = rng.choice(story.qa)
+        return ("story", story.text, question), _example(task, question, story.text, answer)
+    if task == "fact":
+        person, prop = rng.choice(world.people), rng.choice(tuple(FACT_QUESTIONS))
+        instruction = rng.choice(FACT_QUESTIONS[prop]).format(name=person.name)
+        return ("fact", person.name, prop), _example(task, instruction, "", person.fact(prop))
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _example(task, instruction, inp, output) -> dict:
+    return {"instruction": instruction, "input": inp, "output": output, "task": task}
+
+
+def split_of(key: tuple, seed: int) -> str:
+    """'test' for about TEST_FRACTION of all problem keys, 'train' for the rest; a fixed function of the seed."""
+    h = zlib.crc32(f"{seed}|{key!r}".encode())
+    return "test" if h % 10_000 < TEST_FRACTION * 10_000 else "train"
+
+
+def _examples(seed: int, split: str, n: int, stream: str) -> list[dict]:
+    """n examples of the split, the families in turn, then shuffled. stream names the random stream.
+
+    Within the list an (instruction, input) repeats only in a family where 200 draws once found no unseen one
+    (the small "fact" family, in long lists); from then on that family's examples may repeat.
+    """
+    if n < 0:
+        raise ValueError(f"the number of {split} examples must be >= 0, got {n}")
+    rng = random.Random(f"tasks-{stream}-{split}-{seed}")
+    world = build_world(seed)
+    rows, seen, exhausted = [], set(), set()
+    for i in range(n):
+        task, fallback = TASKS[i % len(TASKS)], None
+        for _ in range(200):
+            key, ex = _problem(task, rng, world)
+            if split_of(key, seed) != split or example_length(ex) > MAX_EXAMPLE_CHARS:
+                continue
+            fallback = fallback or ex
+            if task in exhausted or (ex["instruction"], ex["input"]) not in seen:
+                break
+        else:
+            if fallback is None:
+                raise RuntimeError(f"no {split} problem of task {task!r} found in 200 draws")
+            ex = fallback
+            exhausted.add(task)
+        seen.add((ex["instruction"], ex["input"]))
+        rows.append(ex)
+    rng.shuffle(rows)
+    return rows
+
+
+def sft_examples(seed: int = 0, n_train: int = 5000, n_test: int = 250) -> tuple[list[dict], list[dict]]:
+    """Instruction-tuning examples {"instruction", "input", "output", "task"}: (train, held-out test)."""
+    return _examples(seed, "train", n_train, "sft"), _examples(seed, "test", n_test, "sft")
+
+
+def ppo_prompts(seed: int = 0, n_train: int = 1000, n_test: int = 250) -> tuple[list[dict], list[dict]]:
+    """Prompts for PPO: example dicts with the reference "output" and the formatted "prompt"."""
+    def with_prompt(rows):
+        return [dict(ex, prompt=format_prompt(ex["instruction"], ex["input"])) for ex in rows]
+
+    return (with_prompt(_examples(seed, "train", n_train, "ppo")),
+            with_prompt(_examples(seed, "test", n_test, "ppo")))
+
+
+# ----------------------------------------------------------------------------------------------- checking answers
+
+def normalize(text: str) -> str:
+    """Lower case, whitespace runs to one space, ', ' between list items, no full stop at the end."""
+    text = " ".join(text.lower().split())
+    text = re.sub(r"\s*,\s*", ", ", text)
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def check_answer(example: dict, answer: str) -> bool:
+    """Exact match with example["output"] after normalize(): case, spacing and a final full stop do not matter;
+    anything else does ("garden" for "the garden" is wrong, and so is a right answer with more text after it)."""
+    return normalize(answer) == normalize(example["output"])
+
+
+def ground_truth_score(example: dict, response: str) -> float:
+    """1.0 for a correct answer, 0.5 for the correct answer followed by more text (rambling, junk, a longer list),
+    0.0 for anything else. example needs only "output", the reference answer."""
+    got, want = normalize(response), normalize(example["output"])
+    if got == want:
+        return 1.0
+    if got.startswith(want) and not got[len(want)].isalnum():
+        return 0.5
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------------ preference pairs
+
+def _mentioned(word: str, text: str) -> bool:
+    return re.search(rf"\b{re.escape(word)}\b", text) is not None
+
+
+def _same_kind(answer: str) -> list[str]:
+    """Other answers of the kind of answer: another place, name, colour, food, feeling, animal, object, number."""
+    for pool in (PLACES, NAME_POOL, COLOURS, FOODS, FEELINGS):
+        if answer in pool:
+            return [w for w in pool if w != answer]
+    words = answer.split()
+    if answer.isdigit():
+        return [str(n) for n in (int(answer) - 1, int(answer) + 1) if n >= 0]
+    if len(words) == 2 and words[1] in ANIMALS:  # "a dog"
+        return [f"{article(a)} {a}" for a in ANIMALS if a != words[1]]
+    if len(words) == 3 and words[2] in OBJECTS:  # "a red ball"
+        colours = [f"{article(c)} {c} {words[2]}" for c in COLOURS if c != words[1]]
+        return colours + [f"{words[0]} {words[1]} {o}" for o in OBJECTS if o != words[2]]
+    raise ValueError(f"no near misses known for answer {answer!r}")
+
+
+def near_miss(example: dict, rng: random.Random) -> str:
+    """A plausible wrong answer: a sum off by one, a partly reversed or sorted list, another place from the story."""
+    task, output = example["task"], example["output"]
+    if task == "arithmetic":
+        a, op, b = re.search(r"(\d+) (\+|-|plus|minus) (\d+)", f"{example['instruction']} {example['input']}").groups()
+        right = int(output)
+        wrong = {right - 1, right + 1, int(a) - int(b) if op in ("+", "plus") else int(a) + int(b)}  # the other op
+        if right >= 10:
+            wrong.add(int(str(right)[::-1]))
+        return str(rng.choice(sorted(w for w in wrong if w >= 0 and w != right)))
+    if task in ("reverse", "sort"):
+        given, right = example["input"].split(", "), output.split(", ")
+        candidates = [given, right[:-1], right[1:]]
+        for i in range(len(right) - 1):  # swap one neighbouring pair
+            candidates.append(right[:i] + [right[i + 1], right[i]] + right[i + 2:])
+        if task == "sort":
+            candidates.append(right[::-1])
+        return join_words(rng.choice([c for c in candidates if c != right]))
+    alternatives = _same_kind(output)
+    in_story = [w for w in alternatives if _mentioned(w, example.get("input", ""))]
+    return rng.choice(in_story if in_story and rng.random() < 0.7 else alternatives)
+
+
+def _junk(rng: random.Random, output: str) -> str:
+    """Text a small model might babble after its answer: the answer again, or random words of the world."""
+    if rng.random() < 0.5:
+        return " " + " ".join([output] * rng.randint(1, 3))
+    return " " + " ".join(rng.choices(LIST_WORDS + ("the", "and", "to"), k=rng.randint(2, 6)))
+
+
+def _pair(example: dict, rng: random.Random) -> dict:
+    kind = rng.choices(("near_miss", "rambling", "junk"), (0.6, 0.2, 0.2))[0]
+    output = example["output"]
+    if kind == "near_miss":
+        rejected = near_miss(example, rng)
+    elif kind == "rambling":
+        rejected = output + rng.choice(RAMBLES)
+    else:
+        rejected = output + _junk(rng, output)
+    prompt = format_prompt(example["instruction"], example["input"])
+    if len(prompt) + len(rejected) > MAX_EXAMPLE_CHARS:  # too long with the extra text: a near miss instead
+        kind, rejected = "near_miss", near_miss(example, rng)
+    return {"prompt": prompt, "chosen": output, "rejected": rejected, "task": example["task"], "kind": kind,
+            "output": output}
+
+
+def preference_pairs(seed: int = 0, n_train: int = 4000, n_test: int = 500) -> tuple[list[dict], list[dict]]:
+    """Pairs {"prompt", "chosen", "rejected", "task", "kind", "output"}: (train, held-out test).
+
+    chosen is the correct answer; rejected is a near miss (kind "near_miss", score 0) or the correct answer with
+    rambling or junk after it ("rambling", "junk", score 0.5). "output" is the reference answer, for
+    ground_truth_score; a reward model trains on prompt, chosen and rejected only.
+    """
+    rng = random.Random(f"prefs-{seed}")
+    return ([_pair(ex, rng) for ex in _examples(seed, "train", n_train, "prefs")],
+            [_pair(ex, rng) for ex in _examples(seed, "test", n_test, "prefs")])
+
+
+# ------------------------------------------------------------------------------------------------------------ JSONL
+
+def write_jsonl(path, rows) -> None:
+    """One JSON object a line, written to a temporary file and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path, required=("instruction", "output")) -> list[dict]:
+    """The objects of a JSONL file (blank lines skipped). A line that is not JSON, not an object, lacks a required
+    field or has a non-string text field raises ValueError naming the file and the line number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+            for name in required:
+                if name not in row:
+                    raise ValueError(f"{path}, line {n}: missing field {name!r} (required: {', '.join(required)})")
+            for name in (*required, "instruction", "input", "output", "prompt", "chosen", "rejected"):
+                if name in row and not isinstance(row[name], str):
+                    raise ValueError(f"{path}, line {n}: field {name!r} must be a string, "
+                                     f"got {type(row[name]).__name__} {row[name]!r}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the built-in task data (SFT examples, preference pairs, PPO "
+                                                 "prompts) as JSONL, deterministically from a seed.")
+    parser.add_argument("--out-dir", required=True, help="directory for the .jsonl files")
+    parser.add_argument("--seed", type=int, default=0, help="seed; use the corpus's seed so 'fact' tasks match it")
+    parser.add_argument("--n-sft", type=int, nargs=2, default=(5000, 250), metavar=("TRAIN", "TEST"),
+                        help="SFT examples (default 5000 250)")
+    parser.add_argument("--n-prefs", type=int, nargs=2, default=(4000, 500), metavar=("TRAIN", "TEST"),
+                        help="preference pairs (default 4000 500)")
+    parser.add_argument("--n-prompts", type=int, nargs=2, default=(1000, 250), metavar=("TRAIN", "TEST"),
+                        help="PPO prompts (default 1000 250)")
+    args = parser.parse_args(argv)
+    for name in ("n_sft", "n_prefs", "n_prompts"):
+        if min(getattr(args, name)) < 0:
+            parser.error(f"--{name.replace('_', '-')} counts must be >= 0, got {getattr(args, name)}")
+    out = Path(args.out_dir)
+    sets = dict(zip(("sft_train", "sft_test"), sft_examples(args.seed, *args.n_sft)))
+    sets.update(zip(("prefs_train", "prefs_test"), preference_pairs(args.seed, *args.n_prefs)))
+    sets.update(zip(("prompts_train", "prompts_test"), ppo_prompts(args.seed, *args.n_prompts)))
+    for name, rows in sets.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+        print(f"wrote {len(rows):5d} rows to {out / f'{name}.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""SFT: the answer-only loss mask, padding, batched greedy answers, and a short run of every method."""
+
+import numpy as np
+import pytest
+import torch
+
+import peft
+from minigpt import GPT, BPETokenizer, preset, sft, tasks
+from minigpt.corpus import build_corpus
+from minigpt.train import TrainConfig
+from peft.train import finetune, load_finetuned, method_config, save_finetuned
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return BPETokenizer.train(build_corpus(seed=0, n_chars=60_000), vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tasks.sft_examples(seed=0, n_train=400, n_test=40)
+
+
+def test_labels_mask_the_prompt_and_keep_answer_and_eos(tok):
+    ex = {"instruction": "Calculate the result.", "input": "2 + 3", "output": "5"}
+    tokens, labels = sft.encode_example(tok, ex)
+    prompt = tok.encode("### Instruction:\nCalculate the result.\n### Input:\n2 + 3\n### Response:\n")
+    answer = tok.encode("5")
+    assert tokens == prompt + answer + [tok.eos_token_id]
+    assert labels == [-100] * len(prompt) + answer + [tok.eos_token_id]
+
+
+def test_loss_counts_only_answer_tokens(tok, data):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128)).eval()
+    encoded = sft.encode_dataset(tok, data[0][:3], 128)
+    x, y = sft.collate(encoded, tok.pad_token_id)
+    assert x.shape == y.shape and (x[y == -100].numel() > 0)
+    with torch.no_grad():
+        _, loss = model(x, y)
+        # by hand: run each example alone, unpadded, and average -log p over its answer tokens and eos
+        nll = []
+        for tokens, labels in encoded:
+            logits, _ = model(torch.tensor([tokens[:-1]]))
+            logp = torch.log_softmax(logits[0], -1)
+            for t in range(len(tokens) - 1):
+                if labels[t + 1] != -100:
+                    nll.append(-logp[t, tokens[t + 1]])
+    assert torch.allclose(loss, torch.stack(nll).mean(), atol=1e-5)
+    # padding: inputs padded with the pad token on the right, labels -100 there
+    n0 = len(encoded[0][0]) - 1
+    assert (x[0, n0:] == tok.pad_token_id).all() and (y[0, n0:] == -100).all()
+
+
+def test_too_long_example_is_refused_with_its_index(tok):
+    ex = {"instruction": "Sort the words.", "input": ", ".join(["apple"] * 60), "output": "apple"}
+    with pytest.raises(ValueError, match="example 0 is .* tokens long but the model's context is 64"):
+        sft.encode_dataset(tok, [ex], 64)
+
+
+def test_batched_answers_equal_one_by_one(tok, data):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128)).eval()
+    examples = data[1][:5]
+    together = sft.generate_answers(model, tok, examples, max_new_tokens=8, batch_size=5)
+    alone = [sft.generate_answers(model, tok, [ex], max_new_tokens=8)[0] for ex in examples]
+    assert together == alone
+
+
+@pytest.fixture(scope="module")
+def base_state(tok):
+    """A tiny GPT pretrained briefly on the built-in corpus, so every method starts from a language model."""
+    from minigpt.data import random_batch
+
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128))
+    ids = np.array(tok.encode(build_corpus(seed=0, n_chars=60_000)), dtype=np.uint16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        _, loss = model(*random_batch(ids, 16, 64, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("method", ["full", *peft.CONFIGS])
+def test_a_short_run_of_each_method_lowers_the_held_out_answer_loss(tok, data, base_state, tmp_path, method):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128))
+    model.load_state_dict(base_state)
+    config = method_config(method, num_virtual_tokens=4, r=4, reduction_factor=4)
+    before = sft.answer_loss(model, sft.encode_dataset(tok, data[1], 120), tok.pad_token_id)
+    prompt_side = method in ("prompt_tuning", "p_tuning", "p_tuning_v2")  # prefix-tuning's MLP wants the usual lr
+    lr = 3e-3 if method == "full" else 0.3 if prompt_side else 3e-2  # virtual tokens need large steps
+    cfg = TrainConfig(max_iters=30, batch_size=16, lr=lr, min_lr=lr / 10, warmup_iters=2, eval_interval=100,
+                      eval_iters=1, out_dir=str(tmp_path), progress=False, plot=False)
+    result = finetune(model, tok, data[0], data[1], config, cfg, eval_examples=40)
+    # a 2-layer, 32-dim model moves slowly through a 4-token prompt (Lester et al.: prompt tuning needs scale)
+    assert result["answer_loss"] < before - (0.05 if prompt_side else 0.2), (method, before, result["answer_loss"])
+    saved = save_finetuned(model, tok, tmp_path / "ft", tmp_path / "base.pt")
+    assert saved.name == ("model.pt" if method == "full" else "adapter.safetensors")
+
+
+def test_save_and_load_finetuned_peft_model(tok, data, tmp_path):
+    from minigpt.train import save_checkpoint
+
+    torch.manual_seed(0)
+    base = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128))
+    save_checkpoint(tmp_path / "base.pt", {"model": base.state_dict(), "model_config": base.config.to_dict(),
+                                           "tokenizer": tok.to_dict()})
+    peft.get_peft_model(base, peft.LoraConfig(r=2))
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if p.requires_grad:
+                p.normal_()
+    save_finetuned(base, tok, tmp_path / "ft", tmp_path / "base.pt")
+    loaded, tok2 = load_finetuned(tmp_path / "ft")
+    x = torch.randint(0, tok.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x)[0], base.eval()(x)[0])
+    assert tok2.ranks == tok.ranks
