@@ -26,7 +26,11 @@ test: $(STAMP)  ## run the test suite (CPU, a few minutes)
 
 parity: $(STAMP)  ## compare against transformers / huggingface peft, installed in a separate .venv-ref
 	bash tests/reference/setup.sh
-	$(PY) -m pytest -q -m parity
+	PARITY_REQUIRE_REFERENCE=1 $(PY) -m pytest -q -m parity
+
+bench:  ## speed of minigpt vs transformers GPT-2 (benchmarks/bench_model.py, run in .venv-ref)
+	bash tests/reference/setup.sh
+	.venv-ref/bin/python benchmarks/bench_model.py
 
 lint: $(STAMP)  ## ruff, if installed (pip install ruff)
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install --quiet ruff

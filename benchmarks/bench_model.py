@@ -1,0 +1,238 @@
+"""minigpt's model against transformers' GPT2LMHeadModel on the CPU, with the same weights, in one run.
+
+    make bench          (sets up .venv-ref with tests/reference/setup.sh, then runs this with its python)
+
+Three measurements, each reported as medians and a ratio:
+  (a) training step: forward + cross-entropy + backward, minigpt vs transformers (goal: minigpt / HF <= 1.0);
+  (b) KV cache: minigpt's generate with the cache vs without it, 256 new tokens (goal: >= 5x on 6/6/384);
+  (c) generation: greedy tokens/s of minigpt's generate vs transformers' generate, KV cache on both
+      (goal: minigpt / HF >= 1.0).
+The two sides of a comparison are interleaved (ABAB..., who goes first alternating) so that load from other
+processes falls on both alike. The markdown table goes to stdout and to benchmarks/results/model.md.
+
+transformers lives only in .venv-ref, so this script runs with .venv-ref/bin/python and finds minigpt by adding
+the repo root to the END of sys.path: Hugging Face's ``peft`` (installed there) must win over this repo's ``peft``
+package, which nothing here imports (checked at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))  # after site-packages: see the module docstring
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally: never reach for the model hub
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from minigpt import GPT
+
+# nanoGPT's CPU "baby" run and its shakespeare-char model; vocabulary 65 (characters) unless --vocab says otherwise
+SHAPES = {
+    "baby 4/4/128": {"n_layer": 4, "n_head": 4, "n_embd": 128},
+    "small 6/6/384": {"n_layer": 6, "n_head": 6, "n_embd": 384},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and timing
+
+
+def make_pair(shape: dict, vocab_size: int, block_size: int, seed: int = 0):
+    """The same random GPT-2 weights as a minigpt GPT and a transformers GPT2LMHeadModel (SDPA attention)."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, **shape)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)  # GPT2LMHeadModel
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = GPT.from_pretrained(d)
+    return ours, hf
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn (first one alternating) repeats times."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    order = list(fns)
+    for i in range(repeats):
+        for name in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (a) training step
+
+
+def bench_train(name, shape, args):
+    """Forward + loss + backward on a (B, T) batch; the loss is computed the same way from both models' logits."""
+    ours, hf = make_pair(shape, args.vocab, args.train_block)
+    ours.train(), hf.train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.train_block), generator=g)  # (B, T)
+    y = torch.randint(0, args.vocab, (args.batch, args.train_block), generator=g)  # (B, T)
+
+    def step(model, logits_of):
+        model.zero_grad(set_to_none=True)
+        logits = logits_of(model, x)  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        return loss.item()
+
+    def ours_logits(m, idx):
+        return m(idx)[0]
+
+    def hf_logits(m, idx):
+        return m(idx).logits
+
+    same = abs(step(ours, ours_logits) - step(hf, hf_logits)) < 1e-4  # same weights, same loss
+    t = interleaved({"minigpt": lambda: step(ours, ours_logits), "hf": lambda: step(hf, hf_logits)},
+                    args.repeats, warmup=2)
+    return row(f"train step {name}, B={args.batch} T={args.train_block}", t["minigpt"], t["hf"],
+               t["minigpt"] / t["hf"], "same loss" if same else "LOSS DIFFERS")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (b) KV cache and (c) generation
+
+
+def prompt(args):
+    return torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))  # (1, T)
+
+
+def bench_cache(name, shape, args):
+    """minigpt generate with and without its KV cache: speed-up = uncached time / cached time."""
+    ours, _ = make_pair(shape, args.vocab, args.gen_block)
+    ours.eval()
+    idx = prompt(args)
+
+    def run(use_cache):
+        return ours.generate(idx, args.new_tokens, temperature=0, use_cache=use_cache)
+
+    same = torch.equal(run(True), run(False))
+    t = interleaved({"cached": lambda: run(True), "uncached": lambda: run(False)}, args.gen_repeats)
+    return row(f"KV cache {name}, {args.new_tokens} new tokens", t["cached"], t["uncached"],
+               t["uncached"] / t["cached"], "same tokens" if same else "tokens differ")
+
+
+def bench_generate(name, shape, args):
+    """Greedy tokens/s of minigpt's generate vs transformers' generate, both with their KV cache."""
+    ours, hf = make_pair(shape, args.vocab, args.gen_block)
+    ours.eval(), hf.eval()
+    idx = prompt(args)
+    n = args.new_tokens
+
+    def run_ours():
+        return ours.generate(idx, n, temperature=0, use_cache=True)
+
+    def run_hf():
+        return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, do_sample=False,
+                           use_cache=True, pad_token_id=0, eos_token_id=None)
+
+    same = torch.equal(run_ours(), run_hf())
+    t = interleaved({"minigpt": run_ours, "hf": run_hf}, args.gen_repeats)
+    speeds = f"{n / t['minigpt']:.0f} vs {n / t['hf']:.0f} tokens/s"
+    return row(f"generate {name}, {n} new tokens", t["minigpt"], t["hf"], t["hf"] / t["minigpt"],
+               speeds + (", same tokens" if same else ", tokens differ"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+def row(what: str, ours_s: float, ref_s: float, ratio: float, note: str) -> dict:
+    return {"what": what, "ours_ms": 1e3 * ours_s, "ref_ms": 1e3 * ref_s, "ratio": ratio, "note": note}
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(rows, args) -> str:
+    head = [
+        "# minigpt vs transformers GPT-2 on the CPU",
+        "",
+        (
+            f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s) "
+            f"(torch.set_num_threads), {cpu_name()}, Python {platform.python_version()}; float32, vocabulary "
+            f"{args.vocab}, SDPA attention on both sides; medians of interleaved runs ({args.repeats} training "
+            f"steps, {args.gen_repeats} generations per side)."
+        ),
+        "",
+        "| measurement | minigpt ms | reference ms | ratio | goal | note |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    goals = {"train": "minigpt / HF <= 1.0", "KV cache": "uncached / cached >= 5 (6/6/384)",
+             "generate": "HF time / minigpt time >= 1.0"}
+    lines = []
+    for r in rows:
+        goal = next(v for k, v in goals.items() if r["what"].startswith(k))
+        lines.append(f"| {r['what']} | {r['ours_ms']:.1f} | {r['ref_ms']:.1f} | {r['ratio']:.2f} | {goal} | "
+                     f"{r['note']} |")
+    foot = [
+        "",
+        (
+            "Reference column: transformers' GPT2LMHeadModel for the training step and generate; minigpt without "
+            f"its KV cache for the KV-cache rows. Generation: batch 1, greedy, {args.prompt}-token prompt, "
+            f"block_size {args.gen_block}."
+        ),
+    ]
+    return "\n".join(head + lines + foot) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier on a shared CPU)")
+    p.add_argument("--vocab", type=int, default=65, help="vocabulary size (65: shakespeare-char)")
+    p.add_argument("--batch", type=int, default=8, help="training batch size")
+    p.add_argument("--train-block", type=int, default=256, help="training sequence length")
+    p.add_argument("--repeats", type=int, default=20, help="training steps timed per side")
+    p.add_argument("--gen-block", type=int, default=512, help="block_size of the generation models")
+    p.add_argument("--prompt", type=int, default=16, help="prompt length")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated")
+    p.add_argument("--gen-repeats", type=int, default=5, help="generations timed per side")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "model.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
+
+    rows = []
+    for bench in (bench_train, bench_cache, bench_generate):
+        for name, shape in SHAPES.items():
+            rows.append(bench(name, shape, args))
+            print(f"  {rows[-1]['what']}: ratio {rows[-1]['ratio']:.2f} ({rows[-1]['note']})", file=sys.stderr)
+
+    peft = sys.modules.get("peft")
+    if peft is not None and str(REPO) in str(getattr(peft, "__file__", "")):
+        raise RuntimeError(f"this repo's peft was imported ({peft.__file__}); minigpt must not import peft")
+    report = table(rows, args)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
