@@ -174,16 +174,27 @@ class OutputLayer(nn.Module):
 
 
 class LayerCache:
-    """The keys and values one attention layer has seen so far: (B, nh, S, hs) each."""
+    """The keys and values one attention layer has seen so far, in a buffer allocated once and filled in place
+    (a torch.cat per step would copy the whole history every step). update returns views of the filled part."""
 
-    def __init__(self):
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity  # positions to allocate at the first update (grows by doubling if exceeded)
         self.k = self.v = None
+        self.length = 0
 
     def update(self, k, v):
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+        B, nh, T, hs = k.shape  # (B, nh, T, hs)
+        if self.k is None or self.length + T > self.k.size(2):
+            size = max(self.capacity, 2 * (self.length + T))
+            grown_k, grown_v = k.new_empty(B, nh, size, hs), v.new_empty(B, nh, size, hs)
+            if self.k is not None:
+                grown_k[:, :, : self.length] = self.k[:, :, : self.length]
+                grown_v[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = grown_k, grown_v
+        self.k[:, :, self.length : self.length + T] = k
+        self.v[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]  # (B, nh, S, hs)
 
 
 class KVCache:
@@ -191,10 +202,11 @@ class KVCache:
 
     key_mask (B, S): True for a real token, False for padding (and True for virtual tokens of a prompt method).
     n_seen (B,): real tokens seen per row; the next token's position id.
+    capacity: positions each layer allocates up front (generate passes block_size).
     """
 
-    def __init__(self, n_layer: int):
-        self.layers = [LayerCache() for _ in range(n_layer)]
+    def __init__(self, n_layer: int, capacity: int = 0):
+        self.layers = [LayerCache(capacity) for _ in range(n_layer)]
         self.key_mask = None
         self.n_seen = None
         self.padded = False  # whether any cached position is padding (then attention needs an explicit mask)
@@ -378,7 +390,7 @@ class GPT(nn.Module):
         mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         fill = eos_token_id if pad_token_id is None else pad_token_id
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = KVCache(self.config.n_layer) if use_cache else None
+        cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
         window = self.config.block_size - getattr(self.input_layer, "num_virtual_tokens", 0)  # real tokens that fit
         step_input, step_mask = idx, mask
         for _ in range(max_new_tokens):
