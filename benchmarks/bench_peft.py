@@ -1,0 +1,714 @@
+"""Every fine-tuning method side by side: full fine-tuning and the eight PEFT variants on one base and one task.
+
+    python benchmarks/bench_peft.py                    # default mode (make bench-peft): ~15 min on 2 CPU cores
+    python benchmarks/bench_peft.py --quick            # smoke check, under 2 minutes
+    python benchmarks/bench_peft.py --base out/pretrain/best.pt --methods full,lora,ia3
+
+What runs, in order:
+
+1. Base model. ``minigpt.train.main`` pretrains a GPT on the built-in corpus (BPE vocabulary 512, block 128) into
+   OUT/base; a rerun with the same settings reuses it. ``--base CKPT`` uses a checkpoint instead.
+2. Data. ``tasks.sft_examples``: its held-out examples (problems whose keys never occur in training) are cut in
+   two, N_VAL validation examples that choose the learning rates and N_TEST test examples for the reported numbers.
+3. Fine-tuning with a learning-rate sweep. ``peft.train.finetune`` trains every method at DEFAULT_LR[method] times
+   each sweep factor (1/3, 1, 3), all with the same base, steps, batch size and seed (so the very same batches).
+   The sweep runs at the full budget, because the best rate depends on the budget: a shorter sweep picked rates
+   that were too small for the longer runs. The rate with the lowest validation answer loss wins, and only that
+   model is scored on the test set: exact-match accuracy and answer loss (``minigpt.sft.evaluate``). Its saved file
+   is what ``peft.train.save_finetuned`` writes (``peft.save_adapter``'s safetensors file, or full fine-tuning's
+   model.pt). ``--quick`` and ``--no-sweep``: DEFAULT_LR only.
+4. Cost, measured side by side on fresh copies of the base with each method applied (on the CPU torch uses one
+   thread unless --threads says otherwise: on cores shared with other processes, more threads than free cores made
+   a training step up to 10x slower):
+   - step time: one training step (forward, backward, clipping, AdamW step) of every method in turn on one fixed
+     batch, in a fresh random order every round; the median per method, and its ratio to full fine-tuning.
+     Interleaving makes load from other processes fall on all methods alike.
+   - peak memory of a training step: the bytes live when the step starts (parameters, buffers, optimizer state,
+     counted from their storages) plus the highest running total of what is allocated and freed during the step.
+     CUDA: that total is torch.cuda.max_memory_allocated() - memory_allocated() at the start. CPU: tracemalloc
+     does not see torch's allocator and the resident set size mixes in the C allocator's caching, so the step runs
+     under torch.profiler with profile_memory=True and its allocation events ([memory]: +bytes, -bytes) are
+     replayed in time order to find the highest total.
+   - inference against the base model: a forward pass over a fixed batch of held-out examples, and greedy
+     generation of a fixed number of tokens (no early stop) from held-out prompts; medians, ratio to the base.
+     Methods are timed as deployed: LoRA and IA3 merged (peft.merge), P-Tuning and Prefix-Tuning exported (their
+     prompt encoder replaced by its output); the unmerged / unexported forms are timed too.
+5. Outputs (RESULTS, default benchmarks/results): peft.md (the table), peft_survey.md (the comparison with Lialin
+   et al. 2023, each claim confirmed or contradicted by the numbers), peft.json (every number),
+   peft_accuracy_vs_params.png and peft_cost.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep torch.profiler's start/stop lines off stderr
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+import peft
+from minigpt import sft, tasks
+from minigpt.train import TrainConfig, configure_optimizer, select_device
+from minigpt.train import main as pretrain_main
+from peft import p_tuning, prefix_tuning
+from peft.train import DEFAULT_LR, METHODS, finetune, load_base, method_config, save_finetuned
+
+# Lialin et al. 2023 ("Scaling Down to Scale Up: A Guide to Parameter-Efficient Fine-Tuning"), Table 1, in our
+# words: method type (A additive, S selective, R reparameterisation-based) and inference overhead. The survey rates
+# all six of its rows that we implement as storage-efficient and memory-efficient, and none as avoiding
+# backpropagation through the frozen network. P-Tuning and P-Tuning v2 are not rows of the table; they are soft
+# prompts like Prompt Tuning and Prefix-Tuning, and are listed with those.
+SURVEY = {
+    "bitfit": ("BitFit", "selective", "none"),
+    "prompt_tuning": ("Prompt Tuning", "additive (soft prompt)", "extra input"),
+    "p_tuning": ("not a row; rated as Prompt Tuning", "additive (soft prompt)", "extra input"),
+    "prefix_tuning": ("Prefix-Tuning", "additive (soft prompt)", "extra input"),
+    "p_tuning_v2": ("not a row; rated as Prefix-Tuning", "additive (soft prompt)", "extra input"),
+    "lora": ("LoRA", "reparameterisation-based", "none"),
+    "ia3": ("(IA)3", "additive", "extra gating"),
+    "adapter": ("Adapters (Houlsby et al.)", "additive", "extra FFN"),
+}
+# how each method is deployed for inference: folded into the base weights, or its reparameterisation dropped
+DEPLOY = {"lora": "merged", "ia3": "merged", "p_tuning": "exported", "prefix_tuning": "exported"}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Sizes and budgets of one benchmark mode."""
+
+    preset: str = "baby"  # base model: minigpt preset, with block_size 128 and a BPE vocabulary of vocab_size
+    vocab_size: int = 512
+    corpus_chars: int = 1_500_000
+    pretrain_iters: int = 300
+    pretrain_batch: int = 32
+    pretrain_lr: float = 2e-3
+    n_train: int = 5000  # SFT training examples from tasks.sft_examples
+    n_val: int = 64  # held-out examples that choose the learning rates
+    n_test: int = 200  # held-out examples for the reported numbers, disjoint from those
+    steps: int = 120  # fine-tuning budget of every run
+    batch_size: int = 16
+    sweep_factors: tuple = (1 / 3, 1.0, 3.0)  # learning rates tried: DEFAULT_LR times these; empty: DEFAULT_LR only
+    timing_rounds: int = 15  # rounds of training steps, every method once per round
+    infer_rounds: int = 20  # rounds of inference, every model once per round
+    infer_batch: int = 32  # held-out examples in the timed forward pass
+    gen_prompts: int = 8  # held-out prompts in the timed generation
+    gen_tokens: int = 16  # tokens generated per prompt
+
+
+MODES = {
+    "default": Mode(),
+    "quick": Mode(preset="tiny", corpus_chars=200_000, pretrain_iters=200, pretrain_batch=16, pretrain_lr=3e-3,
+                  n_train=1000, n_val=30, n_test=60, steps=60, sweep_factors=(), timing_rounds=8,
+                  infer_rounds=10),
+    # for the test suite: the smallest run that still goes through every stage, the sweep included
+    "tiny": Mode(preset="tiny", corpus_chars=60_000, pretrain_iters=10, pretrain_batch=8, pretrain_lr=3e-3,
+                 n_train=120, n_val=8, n_test=8, steps=2, batch_size=4, sweep_factors=(1.0, 3.0),
+                 timing_rounds=2, infer_rounds=1, infer_batch=4, gen_prompts=2, gen_tokens=2),
+}
+
+
+# -- base model and data ----------------------------------------------------------------------------------
+
+
+def pretrain_base(mode: Mode, out_dir: Path) -> Path:
+    """Pretrain the base model with minigpt.train.main into out_dir (or reuse it) and return best.pt's path."""
+    it = mode.pretrain_iters
+    argv = ["--preset", mode.preset, "--block-size", "128", "--vocab-size", str(mode.vocab_size),
+            "--corpus-chars", str(mode.corpus_chars), "--max-iters", str(it), "--batch-size", str(mode.pretrain_batch),
+            "--lr", str(mode.pretrain_lr), "--min-lr", str(mode.pretrain_lr / 10), "--warmup-iters", str(max(1, it // 10)),
+            "--eval-interval", str(it), "--eval-iters", "4", "--out-dir", str(out_dir), "--no-progress"]
+    stamp = out_dir / "bench_peft_args.json"
+    if (out_dir / "best.pt").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == argv:
+        print(f"reusing the base model in {out_dir}")
+        return out_dir / "best.pt"
+    print(f"pretraining the base model: python -m minigpt.train {' '.join(argv)}")
+    pretrain_main(argv)
+    stamp.write_text(json.dumps(argv))
+    return out_dir / "best.pt"
+
+
+def split_examples(mode: Mode):
+    """(train, validation, test) example lists from the built-in SFT task. Validation and test both come from the
+    held-out split (problems whose keys never occur in training), disjoint, so the learning rate is chosen for the
+    same kind of generalisation the test measures."""
+    train, held_out = tasks.sft_examples(seed=0, n_train=mode.n_train, n_test=mode.n_val + mode.n_test)
+    return train, held_out[: mode.n_val], held_out[mode.n_val :]
+
+
+# -- fine-tuning ------------------------------------------------------------------------------------------
+
+
+def run_finetune(base, tok, method, lr, steps, mode, train, evaluation, out_dir, device, seed=1337):
+    """A copy of base fine-tuned with method for `steps` steps at learning rate lr: (model, metrics)."""
+    model = copy.deepcopy(base)
+    cfg = TrainConfig(max_iters=steps, batch_size=mode.batch_size, lr=lr, min_lr=lr / 10,
+                      warmup_iters=max(1, steps // 20), weight_decay=0.0, eval_interval=steps, eval_iters=1,
+                      out_dir=str(out_dir), seed=seed, device=device, progress=False, plot=False)
+    torch.manual_seed(seed)  # the method's initial tensors are the same in every run
+    t0 = time.perf_counter()
+    metrics = finetune(model, tok, train, evaluation, method_config(method), cfg, eval_examples=len(evaluation))
+    metrics["wall_s"] = time.perf_counter() - t0
+    return model, metrics
+
+
+def sweep_and_train(base, tok, mode, train, val, test, base_path, out, device, methods):
+    """Every method at every learning rate of its grid for mode.steps steps; the rate with the lowest validation
+    answer loss wins and only its model is scored on the test set. Returns (sweep, rows, models): sweep[method] =
+    {"lr", "runs": [{"lr", "answer_loss", "accuracy", "wall_s"}], "at_edge"}; rows[method] = the winner's test
+    metrics, parameter counts and saved-file size; models[method] = the winning model."""
+    sweep, rows, models = {}, {}, {}
+    for method in methods:
+        grid = [float(f"{DEFAULT_LR[method] * f:.3g}") for f in mode.sweep_factors] or [DEFAULT_LR[method]]
+        runs, best = [], None
+        for lr in grid:
+            run_dir = out / "runs" / f"{method}-lr{lr:g}"
+            model, m = run_finetune(base, tok, method, lr, mode.steps, mode, train, val, run_dir, device)
+            runs.append({"lr": lr, "answer_loss": m["answer_loss"], "accuracy": m["accuracy"], "wall_s": m["wall_s"]})
+            print(f"  {method:14s} lr {lr:<8g} validation answer loss {m['answer_loss']:.4f}, "
+                  f"accuracy {m['accuracy']:.1%} ({m['wall_s']:.0f} s)")
+            if best is None or m["answer_loss"] < best[1]["answer_loss"]:
+                best = (model, m, lr, run_dir)
+        model, m, lr, run_dir = best
+        scores = sft.evaluate(model, tok, test)  # the test set, seen once, by the chosen model only
+        saved = save_finetuned(copy.deepcopy(model).cpu(), tok, run_dir / "saved", base_path)
+        rows[method] = {"lr": lr, "trainable_params": m["trainable_params"], "total_params": m["total_params"],
+                        "answer_loss": scores["answer_loss"], "accuracy": scores["accuracy"],
+                        "val_answer_loss": m["answer_loss"], "train_wall_s": m["wall_s"],
+                        "saved_bytes": saved.stat().st_size}
+        models[method] = model
+        sweep[method] = {"lr": lr, "runs": runs, "at_edge": len(runs) > 1 and lr in (min(grid), max(grid))}
+        print(f"{method:14s} lr {lr:<8g} test accuracy {scores['accuracy']:.1%}, answer loss "
+              f"{scores['answer_loss']:.3f}, {m['trainable_params']:,} trainable")
+    return sweep, rows, models
+
+
+# -- cost of a training step ------------------------------------------------------------------------------
+
+
+def training_step(model, optimizer, batch) -> None:
+    """One step as minigpt.train.train takes it: forward, backward, gradient clipping, AdamW, zero the grads."""
+    x, y = batch
+    _, loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def fresh_setup(base, method, device, lr=1e-3, seed=1337):
+    """(model, optimizer): a copy of base on device with method applied, and the training loop's AdamW."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base)
+    config = method_config(method)
+    if config is not None:
+        peft.get_peft_model(model, config)
+    model.to(device).train()
+    return model, configure_optimizer(model, TrainConfig(lr=lr, weight_decay=0.0), device.type)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(jobs: dict, rounds: int, device, seed: int = 0) -> dict:
+    """Seconds per call of each job (a no-argument function), median over rounds. Each round calls every job once,
+    in a fresh random order: with a fixed order, a job that always follows the same other job (and finds the caches
+    as that one left them) measured up to 1.5x slower than an identical copy of itself elsewhere in the order."""
+    rng = random.Random(seed)
+    names = list(jobs)
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in rng.sample(names, len(names)):
+            sync(device)
+            t0 = time.perf_counter()
+            jobs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def live_bytes(model, optimizer) -> int:
+    """Bytes of the distinct storages of model's parameters and buffers and of the optimizer's state."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    storages = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        storages[(s.device, s.data_ptr())] = s.nbytes()
+    return sum(storages.values())
+
+
+def peak_allocated_during(fn, device) -> int:
+    """The highest total of bytes allocated by torch during fn() above what was allocated when it started.
+
+    CUDA: the caching allocator's own peak counter. CPU: fn runs under torch.profiler(profile_memory=True); each
+    allocation and free is an event with +/- bytes, and the running sum of the events in time order peaks here."""
+    if device.type == "cuda":
+        sync(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    total = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak
+
+
+def training_cost(base, mode, train, tok, methods, device) -> dict:
+    """Median step time (interleaved) and peak step memory of every method on one fixed training batch."""
+    block = base.config.block_size - peft.PromptTuningConfig().num_virtual_tokens  # room for the virtual tokens
+    encoded = sft.encode_dataset(tok, train[: 4 * mode.batch_size], block)
+    g = torch.Generator().manual_seed(0)
+    batch = [t.to(device) for t in sft.random_batch(encoded, mode.batch_size, tok.pad_token_id, g)]
+    setups = {m: fresh_setup(base, m, device) for m in methods}
+    for model, opt in setups.values():  # warm-up: the optimizer state exists from here on
+        for _ in range(2):
+            training_step(model, opt, batch)
+    jobs = {m: (lambda model=model, opt=opt: training_step(model, opt, batch)) for m, (model, opt) in setups.items()}
+    step_s = interleaved_medians(jobs, mode.timing_rounds, device)
+    cost = {}
+    for m, (model, opt) in setups.items():
+        static = live_bytes(model, opt)
+        transient = peak_allocated_during(jobs[m], device)
+        cost[m] = {"step_s": step_s[m], "static_bytes": static, "step_peak_above_start_bytes": transient,
+                   "peak_bytes": static + transient}
+    return {"batch_shape": list(batch[0].shape), "methods": cost}
+
+
+# -- cost of inference ------------------------------------------------------------------------------------
+
+
+def deploy(model, method) -> str:
+    """Put a trained model in its inference form, in place: merge LoRA / IA3, export P-Tuning / Prefix-Tuning."""
+    form = DEPLOY.get(method, "as trained")
+    if form == "merged":
+        peft.merge(model)
+    elif method == "p_tuning":
+        p_tuning.export(model)
+    elif method == "prefix_tuning":
+        prefix_tuning.export(model)
+    return form
+
+
+def inference_cost(variants: dict, mode, test, tok, device) -> dict:
+    """Median seconds of a forward pass over a fixed held-out batch and of greedy generation, per model."""
+    block = next(iter(variants.values())).config.block_size - peft.PromptTuningConfig().num_virtual_tokens
+    encoded = sft.encode_dataset(tok, test[: mode.infer_batch], block)
+    x, _ = sft.collate(encoded, tok.pad_token_id)
+    x = x.to(device)
+    prompts = [tok.encode(tasks.format_prompt(ex["instruction"], ex.get("input", ""))) for ex in test[: mode.gen_prompts]]
+    ids, mask = (t.to(device) for t in sft.left_pad(prompts, tok.pad_token_id))
+    for model in variants.values():
+        model.to(device).eval()
+
+    @torch.no_grad()
+    def forward(model):
+        model(x)
+
+    @torch.no_grad()
+    def generate(model):  # no eos: every model generates the same number of tokens
+        model.generate(ids, mode.gen_tokens, temperature=0.0, attention_mask=mask)
+
+    jobs = {}
+    for name, model in variants.items():
+        jobs[(name, "forward")] = lambda model=model: forward(model)
+        jobs[(name, "generate")] = lambda model=model: generate(model)
+    for job in jobs.values():  # warm-up
+        job()
+    medians = interleaved_medians(jobs, mode.infer_rounds, device)
+    out = {name: {"forward_s": medians[(name, "forward")], "generate_s": medians[(name, "generate")]}
+           for name in variants}
+    for name in variants:
+        out[name]["forward_ratio"] = out[name]["forward_s"] / out["base"]["forward_s"]
+        out[name]["generate_ratio"] = out[name]["generate_s"] / out["base"]["generate_s"]
+    return {"forward_shape": list(x.shape), "generate": f"{len(prompts)} prompts x {mode.gen_tokens} tokens",
+            "models": out}
+
+
+# -- reports ----------------------------------------------------------------------------------------------
+
+
+def fmt_factors(factors) -> str:
+    return "(" + ", ".join(f"1/{1 / f:.0f}" if f < 1 else f"{f:g}" for f in factors) + ")"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def write_table(results: dict, path: Path) -> str:
+    env, mode, rows = results["environment"], results["mode"], results["methods"]
+    base = results["base"]
+    lines = [
+        "# Fine-tuning methods side by side",
+        "",
+        (f"Base: {base['params']:,}-parameter GPT ({base['config']}), pretrained on the built-in corpus "
+        f"({base['source']}). Task: the built-in SFT set (tasks.sft_examples), {mode['n_train']} training examples, "
+        f"{mode['n_test']} held-out test examples (exact-match accuracy of greedy answers; answer loss in nats per "
+        f"answer token). Every run: {mode['steps']} steps of batch {mode['batch_size']}, the same batches, AdamW, "
+        f"warm-up then cosine decay; each method at the learning rate that won its sweep (below). Before fine-tuning "
+        f"the base scores "
+        f"{results['before']['accuracy']:.1%} with answer loss {results['before']['answer_loss']:.3f}."),
+        "",
+        ("| method | lr | trainable params | % of model | saved file | peak step memory | step time | vs full | "
+        "answer loss | accuracy | forward vs base | generate vs base |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, r in rows.items():
+        infer = results["inference"]["models"][m]
+        saved = human_bytes(r["saved_bytes"])
+        if "exported_bytes" in r:
+            saved += f" ({human_bytes(r['exported_bytes'])} exported)"
+        form = f" ({r['deployed_as']})" if r["deployed_as"] not in ("as trained",) else ""
+        lines.append(
+            f"| {m} | {r['lr']:g} | {r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.3g}% "
+            f"| {saved} | {human_bytes(r['peak_bytes'])} | {1000 * r['step_s']:.1f} ms | {r['step_ratio']:.2f} "
+            f"| {r['answer_loss']:.3f} | {r['accuracy']:.1%} | {infer['forward_ratio']:.2f}{form} "
+            f"| {infer['generate_ratio']:.2f} |")
+    inf = results["inference"]
+    unmerged = [n for n in inf["models"] if n.endswith("(as trained)")]
+    lines += [
+        "",
+        "Inference of the forms not deployed (ratios to the base): " + "; ".join(
+            f"{n}: forward {inf['models'][n]['forward_ratio']:.2f}, generate {inf['models'][n]['generate_ratio']:.2f}"
+            for n in unmerged) + ".",
+        "",
+        "How the columns are measured:",
+        ("- trainable params: peft.count_parameters (the tied embedding counted once); % of the base's parameters, "
+        "so methods that add tensors count them on top of a base that stays frozen."),
+        ("- saved file: peft.save_adapter's safetensors file (trained tensors and config); full fine-tuning: the "
+        "model.pt checkpoint peft.train.save_finetuned writes (state dict, config, tokenizer). \"exported\": the "
+        "file after replacing P-Tuning's prompt encoder / Prefix-Tuning's MLP by their output."),
+        (f"- step time: median of {mode['timing_rounds']} rounds, one step of each method per round in random order "
+        f"(forward, backward, clipping, AdamW) on one fixed batch of shape {results['training']['batch_shape']}; "
+        "\"vs full\" is the ratio to full fine-tuning."),
+        "- peak step memory: " + env["memory_method"],
+        (f"- inference: median of {mode['infer_rounds']} rounds, each model once per round in random order; "
+        f"forward over {inf['forward_shape'][0]} held-out examples (shape {inf['forward_shape']}), greedy generation of "
+        f"{inf['generate']} with the KV cache; LoRA and IA3 merged, P-Tuning and Prefix-Tuning exported. Full "
+        "fine-tuning has the base's architecture, so its ratio shows the timing noise."),
+        "",
+        (f"Learning-rate sweep: every method trained at DEFAULT_LR x {fmt_factors(mode['sweep_factors'])}, each "
+         f"run the full {mode['steps']} steps; validation answer loss (accuracy) on {mode['n_val']} held-out "
+         "examples disjoint from the test examples; the lowest loss wins and only the winner meets the test set."
+         if len(mode["sweep_factors"]) > 1 else
+         "No learning-rate sweep in this mode: every method trained once, at peft.train.DEFAULT_LR."),
+    ]
+    if len(mode["sweep_factors"]) > 1:
+        lines += ["", "| method | DEFAULT_LR | lr: validation answer loss (accuracy) | chosen |", "|---|---:|---|---:|"]
+        for m, s in results["sweep"].items():
+            runs = ", ".join(f"{r['lr']:g}: {r['answer_loss']:.3f} ({r['accuracy']:.0%})" for r in s["runs"])
+            edge = " (edge of the grid)" if s["at_edge"] else ""
+            lines.append(f"| {m} | {results['default_lr'][m]:g} | {runs} | {s['lr']:g}{edge} |")
+    lines += [
+        "",
+        (f"Environment: {env['platform']}, torch {env['torch']}, device {env['device']}, {env['threads']} torch "
+        f"threads, {env['cpus']} CPUs; load average {env['load_start']} at the start and {env['load_end']} at the "
+        f"end (other processes sharing the CPUs slow every method alike, since the timings are interleaved). "
+        f"Total time {results['timings']['total_s']:.0f} s (pretraining {results['timings']['pretrain_s']:.0f} s, "
+        f"fine-tuning runs {results['timings']['finetune_s']:.0f} s, cost measurements "
+        f"{results['timings']['cost_s']:.0f} s)."),
+        "",
+    ]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def verdicts(results: dict) -> dict:
+    """For each PEFT method, the survey's claims checked against the measurements: {method: [(claim, verdict,
+    evidence)]}. Rules:
+    - storage-efficient: the file kept for inference (exported where the method allows) is at most 1/10 of full
+      fine-tuning's checkpoint;
+    - memory-efficient: the peak step memory is below full fine-tuning's;
+    - still backpropagates through the frozen model: the step costs at least half of full fine-tuning's;
+    - inference overhead: the deployed model is slower than the base by more than the timing noise, max(10%, twice
+      full fine-tuning's deviation from the base, which has the same architecture); "within noise" if slower by
+      less."""
+    rows, inf = results["methods"], results["inference"]["models"]
+    full = rows["full"]
+    noise = max(0.10, 2 * abs(inf["full"]["forward_ratio"] - 1))
+    out = {}
+    for m, (row_name, family, overhead) in SURVEY.items():
+        if m not in rows:
+            continue
+        r, i = rows[m], inf[m]
+        checks = []
+        stored = r.get("exported_bytes", r["saved_bytes"])  # what is kept for inference
+        size_ratio = stored / full["saved_bytes"]
+        evidence = f"file {human_bytes(stored)} = {size_ratio:.2%} of full fine-tuning's"
+        if "exported_bytes" in r:
+            evidence += f" (exported; as trained {r['saved_bytes'] / full['saved_bytes']:.1%})"
+        checks.append(("storage-efficient", "confirmed" if size_ratio <= 0.1 else "contradicted", evidence))
+        mem_ratio = r["peak_bytes"] / full["peak_bytes"]
+        checks.append(("memory-efficient", "confirmed" if mem_ratio < 1 else "contradicted",
+                       f"peak step memory {mem_ratio:.2f} x full fine-tuning's"))
+        checks.append(("does not avoid backpropagating through the frozen network",
+                       "confirmed" if r["step_ratio"] >= 0.5 else "contradicted",
+                       f"step time {r['step_ratio']:.2f} x full fine-tuning's"))
+        ratio = i["forward_ratio"]
+        evidence = f"forward {ratio:.2f} x base ({r['deployed_as']}), generate {i['generate_ratio']:.2f} x"
+        as_trained = inf.get(f"{m} (as trained)")
+        if as_trained:
+            evidence += f"; as trained: forward {as_trained['forward_ratio']:.2f} x"
+        evidence += f" (timing noise {noise:.0%})"
+        if overhead == "none":
+            verdict = "confirmed" if ratio <= 1 + noise else "contradicted"
+            claim = "no inference overhead"
+        else:  # an overhead smaller than the noise is neither shown nor ruled out
+            verdict = "confirmed" if ratio > 1 + noise else "contradicted" if ratio < 1 else "within noise"
+            claim = f"inference overhead: {overhead}"
+        checks.append((claim, verdict, evidence))
+        out[m] = {"survey_row": row_name, "family": family, "checks": checks}
+    return out
+
+
+def write_survey(results: dict, path: Path) -> str:
+    v = verdicts(results)
+    results["survey"] = v
+    lines = [
+        "# The methods against the survey's comparison",
+        "",
+        ("Lialin, Deshpande and Rumshisky (2023), \"Scaling Down to Scale Up: A Guide to Parameter-Efficient "
+        "Fine-Tuning\", sort methods into three families: additive (new parameters or activations are added and "
+        "trained), selective (a subset of the existing parameters is trained) and reparameterisation-based (the "
+        "update is trained in a low-dimensional form). Their comparison table rates each method on storage "
+        "efficiency, memory efficiency, whether it avoids backpropagating through the frozen network, and its "
+        "inference overhead. Here is what our measurements (peft.md, same run) say about each rating. Full "
+        "fine-tuning is the reference for storage, memory and step time; the base model for inference."),
+        "",
+        "| method | survey row | family | claim | verdict | measured |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, entry in v.items():
+        for k, (claim, verdict, evidence) in enumerate(entry["checks"]):
+            head = f"| {m} | {entry['survey_row']} | {entry['family']} " if k == 0 else "| | | "
+            lines.append(f"{head}| {claim} | **{verdict}** | {evidence} |")
+    lines += [
+        "",
+        "Reading the verdicts:",
+        "- Storage: every method's file holds only its trained tensors, a small fraction of a full checkpoint.",
+        ("- Memory: a PEFT step saves the gradients and the AdamW state of the frozen weights (three copies of the "
+        "weights in full fine-tuning), but still stores the activations the backward pass needs. Which part is "
+        "larger depends on the batch and the model: on a small model with many tokens per step, activations dominate "
+        "and the saving is modest; on a billion-parameter model the weight-sized terms dominate."),
+        ("- Backpropagation: every method here needs gradients at or below the lowest layer it changes, so the "
+        "backward pass runs through (nearly) the whole network; only the weight-gradient products of frozen layers "
+        "are skipped, which bounds the saving to about a third of a step."),
+        ("- Inference: merged LoRA and IA3 are the base architecture with other numbers, so they cost what the base "
+        "costs; the survey's \"extra gating\" for IA3 holds only while unmerged. Soft prompts lengthen every "
+        "sequence (Prompt Tuning, P-Tuning) or every attention's keys (Prefix-Tuning, P-Tuning v2); adapters add "
+        "two small matrix products per sub-layer."),
+        "",
+    ]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def plot(results: dict, results_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["methods"]
+    names = list(rows)
+    # accuracy (the headline) and answer loss (finer-grained when accuracies are close) against trainable params
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = [("accuracy", 100, "held-out exact-match accuracy (%)"),
+              ("answer_loss", 1, "held-out answer loss (nats/token, lower is better)")]
+    for ax, (key, scale, label) in zip(axes, panels):
+        for k, m in enumerate(names):
+            r = rows[m]
+            xy = (r["trainable_params"], scale * r[key])
+            ax.scatter(*xy, s=40, color="C3" if m == "full" else "C0", zorder=3)
+            # labels alternate above and below their point, so that methods with equal scores stay readable
+            ax.annotate(m, xy, textcoords="offset points", xytext=(5, 4 if k % 2 == 0 else -11), fontsize=8)
+        ax.axhline(scale * results["before"][key], color="gray", ls="--", lw=1, label="base, before fine-tuning")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_title(f"Accuracy after {results['mode']['steps']} steps")
+    axes[1].set_title("Answer loss after the same steps")
+    fig.tight_layout()
+    fig.savefig(results_dir / "peft_accuracy_vs_params.png", dpi=120)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = range(len(names))
+    ax1.bar(xs, [1000 * rows[m]["step_s"] for m in names], color=["C3" if m == "full" else "C0" for m in names])
+    ax1.set_ylabel("training step, median (ms)")
+    ax1.set_title("Step time (interleaved)")
+    static = [rows[m]["static_bytes"] / 2**20 for m in names]
+    transient = [rows[m]["step_peak_above_start_bytes"] / 2**20 for m in names]
+    ax2.bar(xs, static, label="weights + optimizer state (live at the step's start)", color="C7")
+    ax2.bar(xs, transient, bottom=static, label="peak allocated during the step", color="C1")
+    ax2.set_ylabel("MiB")
+    ax2.set_ylim(0, 1.3 * max(a + b for a, b in zip(static, transient)))  # room for the legend
+    ax2.set_title("Peak memory of a training step")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(results_dir / "peft_cost.png", dpi=120)
+    plt.close(fig)
+
+
+# -- main -------------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="smoke check: tiny model, few steps, no sweep (< 2 min)")
+    g.add_argument("--tiny", action="store_true", help="the test suite's mode: the smallest run through every stage")
+    p.add_argument("--base", help="pretrained checkpoint to fine-tune (default: pretrain one into OUT/base)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--out", default="out/bench_peft", help="run directory (base model, fine-tuning runs)")
+    p.add_argument("--results-dir", default="benchmarks/results", help="where the table, plots and JSON go")
+    p.add_argument("--steps", type=int, help="fine-tuning steps of every run (overrides the mode's)")
+    p.add_argument("--no-sweep", action="store_true", help="train each method once, at peft.train.DEFAULT_LR")
+    p.add_argument("--rerender", action="store_true",
+                   help="only rewrite the table, survey comparison and plots from RESULTS/peft.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on CPUs shared with other processes, more threads than free "
+                        "cores slow torch's kernels by up to 10x; 0: torch's choice)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.rerender:
+        results = json.loads((Path(args.results_dir) / "peft.json").read_text())
+        write_reports(results, Path(args.results_dir))
+        return results
+    mode_name = "quick" if args.quick else "tiny" if args.tiny else "default"
+    mode = MODES[mode_name]
+    if args.steps is not None:
+        mode = dataclasses.replace(mode, steps=args.steps)
+    if args.no_sweep:
+        mode = dataclasses.replace(mode, sweep_factors=())
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "full" not in methods:
+        raise SystemExit(f"--methods must be a subset of {METHODS} that includes full; got {methods}")
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return run_benchmark(args, mode_name, mode, methods)
+    finally:
+        torch.set_num_threads(threads)  # a caller (the test suite) keeps its own setting
+
+
+def run_benchmark(args, mode_name: str, mode: Mode, methods: list[str]) -> dict:
+    """Everything main does once the arguments are checked; returns the results (also written to peft.json)."""
+    device = select_device(args.device)
+    out = Path(args.out) / mode_name
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    timings = {}
+
+    t0 = time.perf_counter()
+    base_path = Path(args.base) if args.base else pretrain_base(mode, out / "base")
+    timings["pretrain_s"] = time.perf_counter() - t0
+    base, tok = load_base(base_path)
+    train, val, test = split_examples(mode)
+    before = sft.evaluate(base.to(device), tok, test)  # the base model's held-out scores
+    base.cpu()
+
+    t0 = time.perf_counter()
+    swept, rows, trained = sweep_and_train(base, tok, mode, train, val, test, base_path, out, args.device, methods)
+    timings["finetune_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    training = training_cost(base, mode, train, tok, methods, device)
+    for m in methods:
+        rows[m].update(training["methods"][m])
+        rows[m]["step_ratio"] = rows[m]["step_s"] / training["methods"]["full"]["step_s"]
+    variants = {"base": copy.deepcopy(base)}
+    for m in methods:
+        if m in DEPLOY:
+            variants[f"{m} (as trained)"] = trained[m]
+            trained[m] = copy.deepcopy(trained[m])
+        rows[m]["deployed_as"] = deploy(trained[m], m)
+        variants[m] = trained[m]
+        if rows[m]["deployed_as"] == "exported":
+            path = out / "runs" / f"{m}-lr{rows[m]['lr']:g}" / "saved" / "adapter-exported.safetensors"
+            peft.save_adapter(copy.deepcopy(trained[m]).cpu(), path)
+            rows[m]["exported_bytes"] = path.stat().st_size
+    inference = inference_cost(variants, mode, test, tok, device)
+    timings["cost_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+
+    memory_method = (
+        "bytes live at the step's start (parameters, buffers, AdamW state; distinct storages) plus the highest "
+        + ("total of torch.cuda.max_memory_allocated() above the start." if device.type == "cuda" else
+           "running total of the CPU allocations and frees during the step, replayed in time order from "
+           "torch.profiler's memory events (profile_memory=True). tracemalloc does not see torch's allocator and "
+           "the resident set size includes the C allocator's caches, so neither is used.")
+    )
+    environment = {"platform": platform.platform(terse=True), "python": platform.python_version(),
+                   "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                   "cpus": os.cpu_count(), "load_start": [round(x, 1) for x in load_start],
+                   "load_end": [round(x, 1) for x in os.getloadavg()], "memory_method": memory_method}
+    results = {
+        "mode_name": mode_name, "mode": dataclasses.asdict(mode), "environment": environment,
+        "base": {"path": str(base_path), "params": base.num_parameters(),
+                 "config": ", ".join(f"{k} {getattr(base.config, k)}" for k in ("n_layer", "n_head", "n_embd",
+                                                                                 "block_size", "vocab_size")),
+                 "source": "--base" if args.base else f"{mode.pretrain_iters} iterations of batch "
+                 f"{mode.pretrain_batch} x 128 tokens"},
+        "before": before, "default_lr": {m: DEFAULT_LR[m] for m in methods}, "sweep": swept, "methods": rows,
+        "training": training, "inference": inference, "timings": timings,
+    }
+    write_reports(results, results_dir)
+    print(f"total {timings['total_s']:.0f} s")
+    return results
+
+
+def write_reports(results: dict, results_dir: Path) -> None:
+    """peft.md, peft_survey.md, the two plots and peft.json from the results."""
+    table = write_table(results, results_dir / "peft.md")
+    write_survey(results, results_dir / "peft_survey.md")
+    plot(results, results_dir)
+    (results_dir / "peft.json").write_text(json.dumps(results, indent=1, default=str))
+    print(table)
+    print(f"wrote {results_dir}/peft.md, peft_survey.md, peft.json, peft_accuracy_vs_params.png and peft_cost.png")
+
+
+if __name__ == "__main__":
+    main()
