@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test parity lint bench notebooks clean
+.PHONY: help install demo test parity lint bench bench-lora bench-peft notebooks clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,16 @@ parity: $(STAMP)  ## compare against transformers / huggingface peft, installed 
 bench:  ## speed of minigpt vs transformers GPT-2 (benchmarks/bench_model.py, run in .venv-ref)
 	bash tests/reference/setup.sh
 	.venv-ref/bin/python benchmarks/bench_model.py
+
+bench-lora:  ## LoRA: train-step time vs full fine-tuning and HF peft, memory, merged inference (benchmarks/bench_lora.py)
+	bash tests/reference/setup.sh
+	.venv-ref/bin/python benchmarks/bench_lora.py
+
+bench-peft: $(STAMP)  ## full fine-tuning and the 8 PEFT variants side by side (benchmarks/bench_peft.py, ~15 min)
+	$(PY) benchmarks/bench_peft.py
+
+notebooks: $(STAMP)  ## re-run the notebooks in full mode and save their outputs (one: make notebooks NB=06e_lora)
+	$(PY) tests/test_notebooks.py $(NB)
 
 lint: $(STAMP)  ## ruff, if installed (pip install ruff)
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install --quiet ruff
