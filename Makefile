@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the package with its test extras
 
-demo: $(STAMP)  ## train on the built-in data and sample from the result
-	$(PY) -m minigpt.demo
+demo: $(STAMP)  ## the four stages on the built-in data: pretrain, SFT, reward model, PPO (out/pipeline/report.md)
+	$(PY) -m rlhf.pipeline --out-dir out/pipeline
 
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q
