@@ -7,6 +7,7 @@
     with peft.disable_adapters(model): ...      # the base model's outputs, without a second copy in memory
     peft.save_adapter(model, "adapter.safetensors"); peft.load_adapter(base_model, "adapter.safetensors")
     peft.unload(model)                          # the original modules back
+    peft.merge_and_unload(model)                # LoRA and IA3: a plain GPT with the update folded in
     with peft.task_ids(model, [2, 0]): ...      # prompt methods: row b uses task ids[b]'s prompt (mixed-task batch)
 
 The methods: BitFit, Prompt Tuning, P-Tuning (v1), Prefix-Tuning, P-Tuning v2, LoRA, IA3 and Houlsby adapters.
@@ -62,6 +63,7 @@ __all__ = [
     "get_peft_model",
     "load_adapter",
     "merge",
+    "merge_and_unload",
     "save_adapter",
     "task_ids",
     "unload",
@@ -152,12 +154,28 @@ def unload(model: nn.Module) -> nn.Module:
     if hasattr(module, "unload"):
         module.unload(model)
     else:
-        for name, m in list(model.named_modules()):
-            if isinstance(m, AdapterLayer) and name:
-                if m.merged:
-                    m.unmerge()
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
+        _put_base_modules_back(model, unmerge=True)
+    return _plain(model)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """LoRA, IA3: fold the update into the base weights for good and put the plain modules back. The result is a
+    plain GPT with the fine-tuned model's outputs and the base model's cost; the adapter cannot be taken out again."""
+    merge(model)
+    _put_base_modules_back(model, unmerge=False)
+    return _plain(model)
+
+
+def _put_base_modules_back(model: nn.Module, unmerge: bool) -> None:
+    for name, m in list(model.named_modules()):
+        if isinstance(m, AdapterLayer) and name:
+            if unmerge and m.merged:
+                m.unmerge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
+
+
+def _plain(model: nn.Module) -> nn.Module:
     model.peft_config = None
     for p in model.parameters():
         p.requires_grad_(True)

@@ -490,6 +490,31 @@ def test_unload_restores_the_original_modules_and_outputs(config, merge):
     assert model.peft_config is None and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("config", [peft.LoraConfig(r=4, alpha=8), peft.IA3Config()])
+def test_merge_and_unload_leaves_a_plain_gpt_with_the_adapted_outputs(config):
+    model, idx = tiny(), batch()
+    types = {n: type(m) for n, m in model.named_modules()}
+    peft.get_peft_model(model, config)
+    randomise(model)
+    query = model.encoder.blocks[0].attn.query
+    if isinstance(config, peft.LoraConfig):  # W + (alpha / r) B A, written out
+        expected_query = query.base.weight + (8 / 4) * query.lora_B @ query.lora_A
+    else:  # IA3 does not touch the query
+        expected_query = query.weight.clone()
+    adapted = logits(model, idx)
+    peft.merge_and_unload(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert model.peft_config is None and all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model.encoder.blocks[0].attn.query.weight, expected_query.detach())
+    torch.testing.assert_close(logits(model, idx), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_unload_refuses_a_method_that_cannot_merge():
+    model = peft.get_peft_model(tiny(), peft.AdapterConfig())
+    with pytest.raises(ValueError, match="cannot be merged"):
+        peft.merge_and_unload(model)
+
+
 @pytest.mark.parametrize("config", method_configs()[1:])
 def test_generation_with_the_kv_cache_matches_without(config):
     model = peft.get_peft_model(tiny(), config)
