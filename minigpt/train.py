@@ -406,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--" + name.replace("_", "-"), type=int)
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--layout", choices=["pre_ln", "post_ln"], default="pre_ln")
+    g.add_argument("--no-bias", action="store_true", help="no biases in the Linear layers and LayerNorms (GPT-2 "
+                   "has them; nanoGPT's default leaves them out)")
     g = p.add_argument_group("training")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("progress", "plot", "save_trainable_only", "compile", "decay_embeddings"):
@@ -453,7 +455,7 @@ def main(argv=None) -> list[dict]:
     else:
         sizes = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
         model_config = preset(args.preset, vocab_size=tokenizer.vocab_size, dropout=args.dropout,
-                              layout=args.layout, **sizes)
+                              layout=args.layout, bias=not args.no_bias, **sizes)
     data.check_length(model_config.block_size)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     model = GPT(model_config)

@@ -219,3 +219,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_cli_no_bias_builds_a_model_without_biases(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "run"
+    train_mod.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny", "--no-bias",
+                    "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2",
+                    "--out-dir", str(out), "--no-progress"])
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["model_config"]["bias"] is False
+    assert not [k for k in ckpt["model"] if k.endswith(".bias")]
