@@ -5,10 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test parity lint bench bench-lora bench-peft notebooks clean
+.PHONY: help install demo test parity lint bench bench-pretrain bench-lora bench-peft notebooks clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ parity: $(STAMP)  ## compare against transformers / huggingface peft, installed 
 bench:  ## speed of minigpt vs transformers GPT-2 (benchmarks/bench_model.py, run in .venv-ref)
 	bash tests/reference/setup.sh
 	.venv-ref/bin/python benchmarks/bench_model.py
+
+bench-pretrain: $(STAMP)  ## nanoGPT's CPU baby run on tinyshakespeare, + transformers from the same init if .venv-ref
+	$(PY) benchmarks/bench_pretrain.py
 
 bench-lora:  ## LoRA: train-step time vs full fine-tuning and HF peft, memory, merged inference (benchmarks/bench_lora.py)
 	bash tests/reference/setup.sh
