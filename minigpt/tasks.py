@@ -21,9 +21,35 @@ character and property). A fixed share of keys, chosen by the seed, is kept for 
 preferences, PPO prompts) draws from those keys only, every *_train set from the rest. So no test example shares its
 (instruction, input), or even its underlying problem, with any training set.
 
-Preference pairs are ordered by a rule the reward model is never told: the correct answer is preferred over a near
-miss (a sum off by one, a partly reversed list, another place from the story) and over the correct answer followed
-by rambling or junk. ``ground_truth_score`` scores any response by the same rule, to measure the reward model and PPO.
+Preference pairs are ordered by a rule the reward model is never told, a graded rubric of what a user would prefer
+(``ground_truth_score``, which also measures the reward model and PPO by the same rule):
+
+==========  ======================================================================================  =====
+score       response                                                                                 e.g.
+==========  ======================================================================================  =====
+1.0         the correct answer, and nothing else                                                    "12"
+0.5         the correct answer followed by more text (rambling, junk, the answer repeated)          "12 12"
+0.25        a wrong answer of the right form: a number for a number, the input's words in another   "13"
+            order for a list, an answer of the asked kind (a place, a food, a name, "a dog")
+0.0         anything else: words that are not in the input, a food for a place, empty, garbage      "jam"
+==========  ======================================================================================  =====
+
+Every pair holds two responses of different scores, the higher one chosen. Five kinds (shares of the pairs):
+
+- ``ill_formed`` (0.3): the correct answer over an ill-formed one (a list with a word swapped, dropped, added or
+  doubled; an answer of another kind; nothing);
+- ``wrong_vs_ill_formed`` (0.2): a well-formed wrong answer over an ill-formed one;
+- ``rambling`` (0.2) and ``junk`` (0.2): the correct answer over the same answer followed by more text;
+- ``near_miss`` (0.1): the correct answer over a well-formed wrong one (a sum off by one, a partly reversed list,
+  another place from the story).
+
+The first four are decided by what the response looks like next to the prompt: whether it stops after the answer,
+whether it copies the input's words, whether its kind fits the question. ``near_miss`` needs the task solved, so a
+reward model judges it only as well as its backbone solves the tasks; it is kept a small share on purpose, and
+reward_model reports the accuracy of each kind. Measured on the 500 held-out pairs, for a reward model trained 200
+iterations from an SFT model that answers 47% of held-out questions right: rambling 100%, junk 97%, ill_formed 83%
+(arithmetic 100%, facts 90%, lists 75-82%, stories 74%), wrong_vs_ill_formed 82%, near_miss 53%; 85% overall. The
+copy check of lists and the kind of a story answer were still being learned when that run stopped.
 
 CLI: ``python -m minigpt.tasks --out-dir DIR --seed 0`` writes the JSONL files.
 """
@@ -177,15 +203,33 @@ def check_answer(example: dict, answer: str) -> bool:
     return normalize(answer) == normalize(example["output"])
 
 
+def well_formed(example: dict, response: str) -> bool:
+    """Whether response has the form of the reference answer example["output"]: the same words in any order for a
+    list, a number for a number, an answer of the same kind for a word answer (a place for a place, a colour for a
+    colour, "a goat" for "a dog", "a blue hat" for "a red ball"). An answer of no known kind has only its own form."""
+    got, want = normalize(response), normalize(example["output"])
+    if ", " in want:
+        return sorted(got.split(", ")) == sorted(want.split(", "))
+    if want.isdigit():
+        return got.isdigit()
+    return any(want in kind and got in kind for kind in ANSWER_KINDS)
+
+
+ANSWER_KINDS = tuple({normalize(a) for a in pool} for pool in (
+    PLACES, NAME_POOL, COLOURS, FOODS, FEELINGS, [f"{article(a)} {a}" for a in ANIMALS],
+    [f"{article(c)} {c} {o}" for c in COLOURS for o in OBJECTS]))  # the kinds of word answer, in lower case
+
+
 def ground_truth_score(example: dict, response: str) -> float:
-    """1.0 for a correct answer, 0.5 for the correct answer followed by more text (rambling, junk, a longer list),
-    0.0 for anything else. example needs only "output", the reference answer."""
+    """The rule that orders the preference pairs (module docstring): 1.0 for the correct answer, 0.5 for the correct
+    answer followed by more text, 0.25 for a wrong answer of the right form (well_formed), 0.0 for anything else.
+    example needs only "output", the reference answer."""
     got, want = normalize(response), normalize(example["output"])
     if got == want:
         return 1.0
     if got.startswith(want) and not got[len(want)].isalnum():
         return 0.5
-    return 0.0
+    return 0.25 if well_formed(example, response) else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ preference pairs
@@ -211,7 +255,8 @@ def _same_kind(answer: str) -> list[str]:
 
 
 def near_miss(example: dict, rng: random.Random) -> str:
-    """A plausible wrong answer: a sum off by one, a partly reversed or sorted list, another place from the story."""
+    """A well-formed wrong answer (score 0.25): a sum off by one or with the other operation, the list in the given
+    order or with two neighbours swapped, another answer of the same kind (from the story 70% of the time)."""
     task, output = example["task"], example["output"]
     if task == "arithmetic":
         a, op, b = re.search(r"(\d+) (\+|-|plus|minus) (\d+)", f"{example['instruction']} {example['input']}").groups()
@@ -222,7 +267,7 @@ def near_miss(example: dict, rng: random.Random) -> str:
         return str(rng.choice(sorted(w for w in wrong if w >= 0 and w != right)))
     if task in ("reverse", "sort"):
         given, right = example["input"].split(", "), output.split(", ")
-        candidates = [given, right[:-1], right[1:]]
+        candidates = [given]  # permutations of the input only: a near miss is well formed
         for i in range(len(right) - 1):  # swap one neighbouring pair
             candidates.append(right[:i] + [right[i + 1], right[i]] + right[i + 2:])
         if task == "sort":
@@ -240,28 +285,59 @@ def _junk(rng: random.Random, output: str) -> str:
     return " " + " ".join(rng.choices(LIST_WORDS + ("the", "and", "to"), k=rng.randint(2, 6)))
 
 
-def _pair(example: dict, rng: random.Random) -> dict:
-    kind = rng.choices(("near_miss", "rambling", "junk"), (0.6, 0.2, 0.2))[0]
+OTHER_ANSWERS = (PLACES + NAME_POOL + COLOURS + FOODS + FEELINGS + tuple(f"{article(a)} {a}" for a in ANIMALS)
+                 + tuple(f"{article(c)} {c} {o}" for c, o in zip(COLOURS * 2, OBJECTS)) + LIST_WORDS
+                 + tuple(str(n) for n in range(0, 2 * MAX_OPERAND + 1)))
+
+
+def ill_formed(example: dict, rng: random.Random) -> str:
+    """A response of the wrong form (score 0): a list with one word swapped for a word not in it, dropped, added
+    or doubled; an answer of another kind (a food for a place, a word for a number); sometimes nothing at all."""
     output = example["output"]
+    for _ in range(100):
+        if rng.random() < 0.08:
+            candidate = ""
+        elif ", " in output:
+            words = output.split(", ")
+            foreign = rng.choice([w for w in LIST_WORDS if w not in words])
+            i, j = rng.randrange(len(words)), rng.randrange(len(words))
+            candidate = join_words(rng.choice((words[:i] + [foreign] + words[i + 1:], words[:i] + words[i + 1:],
+                                               words[:i] + [foreign] + words[i:],
+                                               words[:i] + [words[j]] + words[i + 1:])))
+        else:
+            candidate = rng.choice(OTHER_ANSWERS)
+        if ground_truth_score(example, candidate) == 0.0:
+            return candidate
+    raise RuntimeError(f"no ill-formed response found for {output!r}")
+
+
+PAIR_KINDS = {"ill_formed": 0.3, "wrong_vs_ill_formed": 0.2, "rambling": 0.2, "junk": 0.2, "near_miss": 0.1}
+
+
+def _pair(example: dict, rng: random.Random) -> dict:
+    kind = rng.choices(tuple(PAIR_KINDS), tuple(PAIR_KINDS.values()))[0]
+    output = chosen = example["output"]
+    prompt = format_prompt(example["instruction"], example["input"])
+    if kind in ("rambling", "junk"):
+        rejected = output + (rng.choice(RAMBLES) if kind == "rambling" else _junk(rng, output))
+        if len(prompt) + len(rejected) > MAX_EXAMPLE_CHARS:  # too long with the extra text: another kind instead
+            kind = "ill_formed"
     if kind == "near_miss":
         rejected = near_miss(example, rng)
-    elif kind == "rambling":
-        rejected = output + rng.choice(RAMBLES)
-    else:
-        rejected = output + _junk(rng, output)
-    prompt = format_prompt(example["instruction"], example["input"])
-    if len(prompt) + len(rejected) > MAX_EXAMPLE_CHARS:  # too long with the extra text: a near miss instead
-        kind, rejected = "near_miss", near_miss(example, rng)
-    return {"prompt": prompt, "chosen": output, "rejected": rejected, "task": example["task"], "kind": kind,
+    elif kind == "ill_formed":
+        rejected = ill_formed(example, rng)
+    elif kind == "wrong_vs_ill_formed":
+        chosen, rejected = near_miss(example, rng), ill_formed(example, rng)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "task": example["task"], "kind": kind,
             "output": output}
 
 
 def preference_pairs(seed: int = 0, n_train: int = 4000, n_test: int = 500) -> tuple[list[dict], list[dict]]:
     """Pairs {"prompt", "chosen", "rejected", "task", "kind", "output"}: (train, held-out test).
 
-    chosen is the correct answer; rejected is a near miss (kind "near_miss", score 0) or the correct answer with
-    rambling or junk after it ("rambling", "junk", score 0.5). "output" is the reference answer, for
-    ground_truth_score; a reward model trains on prompt, chosen and rejected only.
+    ground_truth_score(pair, chosen) > ground_truth_score(pair, rejected) for every pair; "kind" says which of the
+    five kinds of the module docstring it is. "output" is the reference answer, for ground_truth_score; a reward
+    model trains on prompt, chosen and rejected only.
     """
     rng = random.Random(f"prefs-{seed}")
     return ([_pair(ex, rng) for ex in _examples(seed, "train", n_train, "prefs")],

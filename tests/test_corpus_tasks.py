@@ -239,24 +239,57 @@ def test_check_answer_and_ground_truth_score():
     assert check_answer({"output": "tree, sun, cat"}, "tree,sun ,  cat")
     assert not check_answer({"output": "tree, sun, cat"}, "tree, cat, sun")
     seven = {"output": "7"}
-    assert [ground_truth_score(seven, r) for r in ("7", " 7.\n", "7 7 7", "7\nmore", "70", "8", "", "17")] == \
-           [1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    assert [ground_truth_score(seven, r) for r in ("7", " 7.\n", "7 7 7", "7\nmore", "70", "8", "", "17", "seven",
+                                                   "7a")] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.0, 0.25, 0.0, 0.0]
     assert ground_truth_score(ex, "the garden. I think so.") == 0.5
-    assert ground_truth_score(ex, "the gardens") == 0.0
+    assert ground_truth_score(ex, "the gardens") == 0.0 and ground_truth_score(ex, "jam") == 0.0
+    assert ground_truth_score(ex, "The park.") == 0.25  # another place: the right form
+    listed = {"output": "tree, sun, cat"}  # a list: the same words in another order has the right form
+    assert [ground_truth_score(listed, r) for r in ("tree, sun, cat", "cat, sun, tree", "tree, sun, sun",
+                                                    "tree, sun", "tree, sun, cat, dog", "tree, sun, cat, and more")] == \
+           [1.0, 0.25, 0.0, 0.0, 0.5, 0.5]
+    assert [ground_truth_score({"output": "a dog"}, r) for r in ("a dog", "a goat", "a red ball", "dog")] == \
+           [1.0, 0.25, 0.0, 0.0]
+    assert [ground_truth_score({"output": "a red ball"}, r) for r in ("a blue ball", "a red kite", "a dog")] == \
+           [0.25, 0.25, 0.0]
+    assert ground_truth_score({"output": "an unknown answer"}, "another answer") == 0.0
 
 
-def test_preference_pairs_chosen_is_right_and_rejected_is_really_wrong(facts):
+def hand_score(task, right, response):
+    """The rubric of minigpt.tasks, recomputed by hand from the task family and the right answer."""
+    r = " ".join(response.lower().split()).rstrip(".").rstrip()
+    if r == right.lower():
+        return 1.0
+    if r.startswith(right.lower()) and not r[len(right)].isalnum():
+        return 0.5
+    if task in ("reverse", "sort"):
+        return 0.25 if sorted(r.split(", ")) == sorted(right.split(", ")) else 0.0
+    if right.isdigit():
+        return 0.25 if r.isdigit() else 0.0
+    pools = [tasks.PLACES, tasks.NAME_POOL, tasks.COLOURS, tasks.FOODS, tasks.FEELINGS,
+             [f"{corpus.article(a)} {a}" for a in corpus.ANIMALS],
+             [f"{corpus.article(c)} {c} {o}" for c in corpus.COLOURS for o in corpus.OBJECTS]]
+    pool = next(p for p in pools if right in p)
+    return 0.25 if r in {w.lower() for w in pool} else 0.0
+
+
+def test_preference_pairs_follow_the_rubric(facts):
     train, test = preference_pairs(0, N_TRAIN, N_TEST)
     assert len(train) == N_TRAIN and len(test) == N_TEST
     kinds = collections.Counter(p["kind"] for p in train)
-    assert set(kinds) == {"near_miss", "rambling", "junk"} and kinds["near_miss"] > len(train) / 2
+    assert set(kinds) == set(tasks.PAIR_KINDS)
+    for kind, share in tasks.PAIR_KINDS.items():
+        assert abs(kinds[kind] / N_TRAIN - share) < 0.05, (kind, kinds)
+    expected = {"ill_formed": (1.0, 0.0), "wrong_vs_ill_formed": (0.25, 0.0), "rambling": (1.0, 0.5),
+                "junk": (1.0, 0.5), "near_miss": (1.0, 0.25)}
     for p in train + test:
         instruction, inp = parse_prompt(p["prompt"])
         right = solve(p["task"], instruction, inp, facts)
-        assert p["chosen"] == right == p["output"]
-        assert " ".join(p["rejected"].lower().split()).rstrip(".") != right  # wrong, recomputed by hand
-        assert ground_truth_score(p, p["chosen"]) == 1.0 > ground_truth_score(p, p["rejected"])
-        assert (ground_truth_score(p, p["rejected"]) == 0.0) == (p["kind"] == "near_miss")
+        assert p["output"] == right
+        scores = hand_score(p["task"], right, p["chosen"]), hand_score(p["task"], right, p["rejected"])
+        assert scores == expected[p["kind"]], p
+        assert (ground_truth_score(p, p["chosen"]), ground_truth_score(p, p["rejected"])) == scores
+        assert (p["chosen"] == right) == (p["kind"] != "wrong_vs_ill_formed")
         assert len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= 250
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
 
