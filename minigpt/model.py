@@ -219,6 +219,16 @@ class KVCache:
 # The GPT
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """p = 0 in every nn.Dropout and in the attention's dropout (CausalSelfAttention keeps it as a float). The reward
+    model and PPO need it: a score or a log-probability must be the same function each time it is computed."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, CausalSelfAttention):
+            m.attn_dropout = 0.0
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt import sft, tasks
+from minigpt import tasks
 from rlhf.ppo import PPOConfig, make_reference, plot_ppo, response_logprobs, reward_model_fn, train_ppo
 
 
@@ -135,22 +135,27 @@ def true_score_metric(examples_by_prompt: dict, tokenizer):
 
 @torch.no_grad()
 def evaluate_policy(policy, ref, rm, tokenizer, examples, max_new_tokens: int = 24, seed: int = 0) -> dict:
-    """On held-out prompts: greedy accuracy and ground-truth score; for sampled responses (temperature 1, as PPO
-    samples) the ground-truth score, the reward-model score and KL(policy || reference) summed over the response."""
+    """On held-out prompts: greedy accuracy; for sampled responses (temperature 1, as PPO samples) the ground-truth
+    score, the reward-model score and KL(policy || reference) summed over the response. The scores and the KL are
+    computed on the token ids the policy sampled, not on their text encoded again (which need not give them back)."""
+    from rlhf.reward_model import sft_responses
+
     policy.eval()
-    greedy = sft.generate_answers(policy, tokenizer, examples, max_new_tokens)
-    sampled = sft.generate_answers(policy, tokenizer, examples, max_new_tokens, temperature=1.0, seed=seed)
+    prompts = [ex["prompt"] for ex in examples]
+    greedy = [tokenizer.decode(r) for r in sft_responses(policy, tokenizer, prompts, max_new_tokens)]
+    sampled = sft_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=seed)
     rm_scores, kls = [], []
-    for ex, answer in zip(examples, sampled):
-        prompt_ids = tokenizer.encode(ex["prompt"])
-        ids = torch.tensor([prompt_ids + tokenizer.encode(answer) + [tokenizer.eos_token_id]])
+    for prompt, response in zip(prompts, sampled):
+        prompt_ids = tokenizer.encode(prompt)
+        ids = torch.tensor([prompt_ids + response + [tokenizer.eos_token_id]])  # (1, P + R + 1)
         rm_scores.append(rm(ids).item())
         logp = response_logprobs(policy(ids)[0], ids, len(prompt_ids))
         ref_logp = response_logprobs(ref(ids)[0], ids, len(prompt_ids))
         kls.append((logp - ref_logp).sum().item())
     n = len(examples)
     return {"greedy_accuracy": sum(tasks.check_answer(ex, a) for ex, a in zip(examples, greedy)) / n,
-            "true_score": sum(tasks.ground_truth_score(ex, a) for ex, a in zip(examples, sampled)) / n,
+            "true_score": sum(tasks.ground_truth_score(ex, tokenizer.decode(r))
+                              for ex, r in zip(examples, sampled)) / n,
             "rm_score": sum(rm_scores) / n, "kl": sum(kls) / n, "greedy_answers": greedy}
 
 

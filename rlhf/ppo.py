@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -40,8 +41,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from minigpt.model import disable_dropout
 from minigpt.sft import left_pad
 from minigpt.train import TrainConfig, configure_optimizer
 
@@ -157,15 +158,6 @@ class AdaptiveKLController:
 
 
 # -- the actors ------------------------------------------------------------------------------------------------
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """p = 0 in every dropout: log-probabilities must be the same function in the rollout and the update."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "attn_dropout"):
-            m.attn_dropout = 0.0
 
 
 class PolicyWithValue(nn.Module):
@@ -377,34 +369,112 @@ def reward_model_fn(reward_model, eos_token_id: int):
     return score
 
 
+PANELS = [  # (title, [(metric, label)], y label): everything train_ppo logs, one panel each
+    ("scores", [("score", "reward-model score"), ("true_score", "ground-truth score")], "mean over the batch"),
+    ("KL to the reference", [("kl", "KL(pi || pi_ref) per response"), ("beta", "beta")], "nats"),
+    ("total reward", [("total_reward", "score - beta * KL")], "per response"),
+    ("entropy", [("entropy", "policy entropy")], "nats per token"),
+    ("approx KL (old -> new)", [("approx_kl", "approx KL")], "nats per token"),
+    ("clip fraction", [("clipfrac", "policy ratio clipped")], "share of tokens"),
+    ("value loss", [("value_loss", "clipped value loss")], "loss"),
+    ("explained variance", [("explained_variance", "1 - Var(returns - V) / Var(returns)")], ""),
+    ("mean ratio", [("ratio", "pi / pi_old")], ""),
+]
+
+
 def plot_ppo(rows: list[dict], path, title: str = "PPO") -> None:
-    """Score, ground-truth score (when logged) and KL to the reference over PPO steps."""
+    """Every logged metric over PPO steps, one panel each (a metric not in the rows is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a1.plot(steps, [r["score"] for r in rows], label="reward-model score")
-    if "true_score" in rows[0]:
-        a1.plot(steps, [r["true_score"] for r in rows], label="ground-truth score")
-    a1.set_xlabel("PPO step")
-    a1.set_ylabel("mean score of the batch")
-    a1.set_title(f"{title}: scores")
-    a1.legend()
-    a1.grid(alpha=0.3)
-    a2.plot(steps, [r["kl"] for r in rows], color="C3", label="KL(pi || pi_ref) per response")
-    a2.plot(steps, [r["beta"] for r in rows], color="C2", ls="--", label="beta")
-    a2.set_xlabel("PPO step")
-    a2.set_ylabel("nats")
-    a2.set_title(f"{title}: KL to the reference")
-    a2.legend()
-    a2.grid(alpha=0.3)
+    fig, axes = plt.subplots(3, 3, figsize=(13, 9))
+    for ax, (name, metrics, ylabel) in zip(axes.flat, PANELS):
+        for key, label in metrics:
+            if key in rows[0]:
+                ax.plot(steps, [r[key] for r in rows], label=label)
+        ax.set_title(name)
+        ax.set_xlabel("PPO step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def config_dict(cfg: PPOConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a text file (one a line, blank lines skipped) or JSONL with a "prompt" field on every line."""
+    from minigpt import tasks
+
+    if str(path).endswith(".jsonl"):
+        return [row["prompt"] for row in tasks.read_jsonl(path, required=("prompt",))]
+    prompts = [line.rstrip("\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhf.ppo", description="PPO on a policy (the SFT model) against a "
+                                "reward model: python -m rlhf.ppo --sft out/sft/full --reward out/reward/reward.pt",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sft", default="out/sft/full", help="the policy to start from and the reference: a peft.train "
+                   "output directory or a .pt checkpoint")
+    p.add_argument("--reward", default="out/reward/reward.pt", help="a reward model written by rlhf.reward_model")
+    p.add_argument("--prompts", help="a text file (one prompt a line) or JSONL with a prompt field (default: the "
+                   "built-in PPO prompts)")
+    p.add_argument("--out-dir", default="out/ppo")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("PPO")
+    for f in dataclasses.fields(PPOConfig):
+        default = f.default
+        if isinstance(default, bool):
+            g.add_argument("--" + f.name.replace("_", "-"), action="store_true")
+        else:
+            g.add_argument("--" + f.name.replace("_", "-"), type=float if f.type in ("float", "float | None")
+                           else type(default), default=default)
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    from minigpt import tasks
+    from minigpt.train import save_checkpoint
+    from rlhf.reward_model import load_reward_model, load_sft
+
+    args = build_parser().parse_args(argv)
+    cfg = PPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PPOConfig)})
+    policy, tokenizer = load_sft(args.sft)
+    reward_model, rm_tokenizer = load_reward_model(args.reward)
+    if rm_tokenizer.to_dict() != tokenizer.to_dict():
+        raise SystemExit(f"the reward model {args.reward} uses tokenizer {rm_tokenizer.name!r}, the policy "
+                         f"{args.sft} uses {tokenizer.name!r}: they must be the same")
+    for p in reward_model.parameters():
+        p.requires_grad_(False)
+    texts = read_prompts(args.prompts) if args.prompts else [ex["prompt"] for ex in tasks.ppo_prompts()[0]]
+    prompts = [tokenizer.encode(t) for t in texts]
+    out_dir = Path(args.out_dir)
+    ref = None if getattr(policy, "peft_config", None) is not None else make_reference(policy)
+    actor, rows = train_ppo(policy, tokenizer, prompts, reward_model_fn(reward_model, tokenizer.eos_token_id), cfg,
+                            ref_model=ref, out_dir=out_dir, progress=not args.no_progress)
+    plot_ppo(rows, out_dir / "ppo.png")
+    save_checkpoint(out_dir / "policy.pt", {"model": policy.state_dict(), "model_config": policy.config.to_dict(),
+                                            "tokenizer": tokenizer.to_dict(), "stage": "ppo", "ppo": config_dict(cfg)})
+    first, last = rows[0], rows[-1]
+    print(f"PPO: reward-model score {first['score']:.3f} -> {last['score']:.3f}, KL {first['kl']:.3f} -> "
+          f"{last['kl']:.3f} over {cfg.steps} steps; policy saved to {out_dir / 'policy.pt'}, plot {out_dir / 'ppo.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -50,6 +50,7 @@ from torch import nn
 
 import peft
 from minigpt import GPT, GPTConfig, tasks
+from minigpt.model import disable_dropout
 from minigpt.sft import left_pad
 from minigpt.tokenizer import tokenizer_from_dict
 from minigpt.train import TrainConfig, load_checkpoint, save_checkpoint, train
@@ -80,15 +81,6 @@ def value_head(n_embd: int) -> nn.Linear:
     nn.init.normal_(head.weight, mean=0.0, std=1.0 / math.sqrt(n_embd + 1))
     nn.init.zeros_(head.bias)
     return head
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """p = 0 in every nn.Dropout and in the attention's dropout (which CausalSelfAttention keeps as a float)."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "attn_dropout"):
-            m.attn_dropout = 0.0
 
 
 class RewardModel(nn.Module):
@@ -330,19 +322,6 @@ def normalize_on_sft(rm, sft_model, tokenizer, prompts: list[str], max_new_token
 # Saving and loading
 
 
-def merge_into_base(gpt: GPT) -> GPT:
-    """Fold a LoRA or IA3 update into the base weights and put the plain modules back: a plain GPT, same outputs."""
-    peft.merge(gpt)
-    for name, m in list(gpt.named_modules()):
-        if isinstance(m, peft.AdapterLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(gpt.get_submodule(parent) if parent else gpt, child, m.base)
-    gpt.peft_config = None
-    for p in gpt.parameters():
-        p.requires_grad_(True)
-    return gpt
-
-
 def can_merge(gpt) -> bool:
     config = getattr(gpt, "peft_config", None)
     return config is not None and hasattr(peft.METHODS[type(config)], "merge")
@@ -354,7 +333,7 @@ def save_reward_model(rm: RewardModel, tokenizer, path) -> None:
     config = getattr(rm.backbone, "peft_config", None)
     if can_merge(rm.backbone):
         rm, config = copy.deepcopy(rm), None
-        merge_into_base(rm.backbone)
+        peft.merge_and_unload(rm.backbone)
     method = None if config is None else {"method": config.method, "config": dataclasses.asdict(config)}
     save_checkpoint(path, {"model": {k: v.cpu() for k, v in rm.state_dict().items()},
                            "model_config": rm.backbone.config.to_dict(), "tokenizer": tokenizer.to_dict(),
@@ -384,7 +363,7 @@ def make_reward_model(sft_model: GPT, peft_config=None) -> RewardModel:
     fully, or through peft_config (the value head always trains)."""
     backbone = copy.deepcopy(sft_model)
     if can_merge(backbone):
-        merge_into_base(backbone)
+        peft.merge_and_unload(backbone)
     carried = getattr(backbone, "peft_config", None)
     if carried is not None and peft_config is not None:
         raise ValueError(f"the SFT model carries a {carried.method!r} adapter that cannot be merged, so a "

@@ -128,3 +128,36 @@ def test_bandit_reaches_the_kl_regularised_optimum(beta):
         assert p3 > 0.95
     else:
         assert abs(p3 - target) < 0.1, (p3, target, p_ref[3].item())
+
+
+def test_cli_trains_from_saved_models_and_refuses_another_tokenizer(tmp_path):
+    import json
+
+    from minigpt import CharTokenizer
+    from minigpt.train import save_checkpoint
+    from rlhf import ppo
+    from rlhf.reward_model import RewardModel, save_reward_model
+
+    prompts = ["What is 2 + 3?", "Reverse the list: cat, sun", "Where did Tom go?", "What is 7 - 4?"]
+    tok = CharTokenizer.train("".join(prompts) + "0123456789 abcdefghijklmnopqrstuvwxyz,.")
+    torch.manual_seed(0)
+    sft = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=64))
+    save_checkpoint(tmp_path / "sft.pt", {"model": sft.state_dict(), "model_config": sft.config.to_dict(),
+                                          "tokenizer": tok.to_dict(), "stage": "sft"})
+    save_reward_model(RewardModel(GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=64))), tok,
+                      tmp_path / "reward.pt")
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    out = tmp_path / "ppo"
+    args = ["--sft", str(tmp_path / "sft.pt"), "--reward", str(tmp_path / "reward.pt"), "--prompts",
+            str(tmp_path / "prompts.txt"), "--out-dir", str(out), "--steps", "2", "--batch-size", "4",
+            "--minibatch-size", "2", "--max-new-tokens", "4", "--no-progress"]
+    rows = ppo.main(args)
+    assert len(rows) == 2 and {"ppo_metrics.jsonl", "ppo.png", "policy.pt"} <= {p.name for p in out.iterdir()}
+    assert [json.loads(line)["step"] for line in (out / "ppo_metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+    other = CharTokenizer.train("".join(prompts) + "0123456789 abcdefghijklmnopqrstuvwxyz,.!?")
+    save_reward_model(RewardModel(GPT(preset("tiny", vocab_size=other.vocab_size, block_size=64))), other,
+                      tmp_path / "reward_other.pt")
+    with pytest.raises(SystemExit, match="tokenizer"):
+        ppo.main(args[:3] + [str(tmp_path / "reward_other.pt")] + args[4:])
+    assert ppo.read_prompts(tmp_path / "prompts.txt") == prompts
