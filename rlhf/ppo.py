@@ -30,10 +30,10 @@ One PPO step:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
-import argparse
 import json
 import math
 from dataclasses import dataclass

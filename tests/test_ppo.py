@@ -7,8 +7,21 @@ import pytest
 import torch
 
 from minigpt import GPT, preset
-from rlhf.ppo import (AdaptiveKLController, PolicyWithValue, PPOConfig, gae, kl_penalty, make_reference,
-                      policy_loss, ppo_update, response_logprobs, rollout, train_ppo, value_loss, whiten)
+from rlhf.ppo import (
+    AdaptiveKLController,
+    PolicyWithValue,
+    PPOConfig,
+    gae,
+    kl_penalty,
+    make_reference,
+    policy_loss,
+    ppo_update,
+    response_logprobs,
+    rollout,
+    train_ppo,
+    value_loss,
+    whiten,
+)
 
 TOK = SimpleNamespace(eos_token_id=7, pad_token_id=6)
 
