@@ -83,6 +83,8 @@ def test_outputs_exist_and_are_complete(run):
     for method, s in saved["sweep"].items():
         best = min(s["runs"], key=lambda r: r["answer_loss"])
         assert s["lr"] == best["lr"] == saved["methods"][method]["lr"]
+        # the tiny grid has two rates, so the winner starts at its edge and one more rate past it is tried
+        assert s["widened"] == 1 and len(s["runs"]) == 3
     survey = (results_dir / "peft_survey.md").read_text()
     for method in expected_counts()[1]:
         if method != "full":
@@ -92,6 +94,33 @@ def test_outputs_exist_and_are_complete(run):
     for r in saved["methods"].values():
         assert r["saved_bytes"] > 0 and r["step_s"] > 0 and r["peak_bytes"] >= r["static_bytes"] > 0
     assert saved["inference"]["models"]["base"]["forward_ratio"] == 1.0
+    assert "base (copy)" in saved["inference"]["models"] and saved["inference"]["noise"] >= 0.03
+    for method, r in saved["methods"].items():  # merged LoRA / IA3 (unwrapped) and BitFit are the base's architecture
+        assert r["structure"]["same"] == (method in ("full", "bitfit", "lora", "ia3")), method
+        assert r["deploy_max_logit_diff"] < 1e-4, method
+
+
+def test_merged_models_get_no_overhead_verdict_from_a_slow_timing(bench, run):
+    """A deployed model with the base's exact architecture is confirmed to have no overhead (LoRA) or contradicts a
+    claimed one (merged IA3), even when its timing is far above the noise floor."""
+    results = json.loads(json.dumps(run[0]))
+    for method in ("lora", "ia3"):
+        results["inference"]["models"][method]["forward_ratio"] = 1.5
+    v = bench.verdicts(results)
+    assert v["lora"]["checks"][3][:2] == ("no inference overhead", "confirmed")
+    assert v["ia3"]["checks"][3][1] == "contradicted"
+    results["methods"]["adapter"]["structure"]["same"] = False
+    results["inference"]["noise"] = 0.05
+    results["inference"]["models"]["adapter"].update(forward_ratio=1.04, generate_ratio=1.02)
+    assert bench.verdicts(results)["adapter"]["checks"][3][1] == "within noise"
+    results["inference"]["models"]["adapter"]["generate_ratio"] = 1.2
+    assert bench.verdicts(results)["adapter"]["checks"][3][1] == "confirmed"
+
+
+def test_paired_ratio_divides_out_load_that_varies_between_rounds(bench):
+    base = [1.0, 3.0, 1.0, 3.0, 1.0]  # a round under load takes 3x
+    model = [1.1, 3.3, 1.1, 3.3, 1.1]
+    assert bench.paired_ratio(model, base) == pytest.approx(1.1)
 
 
 def test_rerender_rewrites_the_reports_from_the_json(bench, run):
@@ -126,6 +155,26 @@ def test_live_bytes_counts_tied_and_optimizer_tensors_once(bench):
     opt.step()  # AdamW state: exp_avg and exp_avg_sq per parameter, plus a scalar step each
     steps = len(list(model.parameters()))
     assert bench.live_bytes(model, opt) == 4 * n + 2 * 4 * n + 4 * steps
+
+
+def test_unwrap_after_merge_gives_the_base_architecture(bench):
+    import copy
+
+    import peft
+    from minigpt import GPT, preset
+
+    base = GPT(preset("tiny", vocab_size=64))
+    for config in (peft.LoraConfig(), peft.IA3Config()):
+        model = copy.deepcopy(base)
+        peft.get_peft_model(model, config)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)
+        x = torch.randint(0, 64, (2, 8))
+        expected = model(x)[0]
+        assert bench.deploy(model, config.method) == "merged"
+        assert bench.structure_vs_base(model, base)["same"]
+        torch.testing.assert_close(model(x)[0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_interleaving_calls_every_job_once_per_round_in_varying_order(bench):
