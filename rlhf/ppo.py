@@ -56,6 +56,7 @@ class PPOConfig:
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling temperature; log-probabilities use the same one
     lr: float = 1e-4
+    vf_lr: float | None = None  # the value head's learning rate (None: lr); it is a fresh head, so it may move faster
     beta: float = 0.05  # initial KL coefficient
     adaptive_kl: bool = False
     target_kl: float = 1.0  # the adaptive controller's target for the per-sequence KL (nats)
@@ -308,6 +309,12 @@ def train_ppo(policy, tokenizer, prompts: list[list[int]], reward_fn, cfg: PPOCo
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     actor = PolicyWithValue(policy)
     optimizer = configure_optimizer(actor, TrainConfig(lr=cfg.lr, min_lr=0.0, weight_decay=0.0), device.type)
+    if cfg.vf_lr is not None:  # the value head in a group of its own, at its own rate
+        head = {id(p) for p in actor.value_head.parameters()}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in head]
+        optimizer.add_param_group({"params": list(actor.value_head.parameters()), "lr": cfg.vf_lr,
+                                   "weight_decay": 0.0})
     controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.horizon)
     rows, order, cursor = [], torch.randperm(len(prompts), generator=generator).tolist(), 0
     metrics_path = Path(out_dir) / "ppo_metrics.jsonl" if out_dir else None

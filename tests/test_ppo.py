@@ -174,3 +174,17 @@ def test_cli_trains_from_saved_models_and_refuses_another_tokenizer(tmp_path):
     with pytest.raises(SystemExit, match="tokenizer"):
         ppo.main(args[:3] + [str(tmp_path / "reward_other.pt")] + args[4:])
     assert ppo.read_prompts(tmp_path / "prompts.txt") == prompts
+
+
+@pytest.mark.parametrize("vf_lr", [None, 0.1])
+def test_value_head_trains_at_its_own_learning_rate(vf_lr):
+    torch.manual_seed(0)
+    policy = GPT(preset("tiny", vocab_size=8))
+    start = [p.detach().clone() for p in policy.parameters()]
+    cfg = PPOConfig(steps=1, batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=2, lr=1e-9, vf_lr=vf_lr)
+    actor, _ = train_ppo(policy, TOK, [[1]] * 8, lambda t, a, P, m: torch.ones(len(t)), cfg,
+                         ref_model=make_reference(policy), progress=False)
+    policy_moved = max((p - s).abs().max().item() for p, s in zip(policy.parameters(), start))
+    head_moved = max(p.abs().max().item() for p in actor.value_head.parameters())  # it starts at zero
+    assert policy_moved < 1e-6  # AdamW moves a weight by about lr per step
+    assert head_moved < 1e-6 if vf_lr is None else head_moved > 0.05
