@@ -308,13 +308,9 @@ def train_ppo(policy, tokenizer, prompts: list[list[int]], reward_fn, cfg: PPOCo
     device = next(policy.parameters()).device
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     actor = PolicyWithValue(policy)
-    optimizer = configure_optimizer(actor, TrainConfig(lr=cfg.lr, min_lr=0.0, weight_decay=0.0), device.type)
-    if cfg.vf_lr is not None:  # the value head in a group of its own, at its own rate
-        head = {id(p) for p in actor.value_head.parameters()}
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in head]
-        optimizer.add_param_group({"params": list(actor.value_head.parameters()), "lr": cfg.vf_lr,
-                                   "weight_decay": 0.0})
+    optimizer = configure_optimizer(policy, TrainConfig(lr=cfg.lr, min_lr=0.0, weight_decay=0.0), device.type)
+    optimizer.add_param_group({"params": list(actor.value_head.parameters()), "weight_decay": 0.0,
+                               "lr": cfg.lr if cfg.vf_lr is None else cfg.vf_lr})  # the value head, at its own rate
     controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.horizon)
     rows, order, cursor = [], torch.randperm(len(prompts), generator=generator).tolist(), 0
     metrics_path = Path(out_dir) / "ppo_metrics.jsonl" if out_dir else None
