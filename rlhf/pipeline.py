@@ -75,8 +75,11 @@ def stage_pretrain(out: Path, s: Sizes, progress: bool) -> dict:
             str(s.pretrain_iters), "--lr", "2e-3", "--min-lr", "2e-4", "--warmup-iters", "50", "--eval-interval",
             str(max(s.pretrain_iters // 4, 1)), "--eval-iters", "10", "--corpus-chars", str(s.corpus_chars)]
     rows = pretrain(args + ([] if progress else ["--no-progress"]))
-    ckpt = torch.load(out / "pretrain" / "best.pt", weights_only=True)
-    n_params = sum(v.numel() for k, v in ckpt["model"].items() if k != "output_layer.head.weight")
+    from minigpt import GPT, GPTConfig
+    from minigpt.train import load_checkpoint
+
+    config = GPTConfig.from_dict(load_checkpoint(out / "pretrain" / "best.pt")["model_config"])
+    n_params = GPT(config).num_parameters()  # the tied head counted once
     val = [r for r in rows if r.get("val_loss") is not None]
     return {"data": f"built-in corpus, {s.corpus_chars:,} characters", "algorithm": "next-token prediction",
             "model": f"GPT {s.n_layer} layers x {s.n_embd} dims", "params": n_params,
