@@ -34,22 +34,30 @@ score       response                                                            
 0.0         anything else: words that are not in the input, a food for a place, empty, garbage      "jam"
 ==========  ======================================================================================  =====
 
-Every pair holds two responses of different scores, the higher one chosen. Five kinds (shares of the pairs):
+Every pair holds two responses of different scores, the higher one chosen. Four kinds (shares of the pairs):
 
-- ``ill_formed`` (0.3): the correct answer over an ill-formed one (a list with a word swapped, dropped, added or
-  doubled; an answer of another kind; nothing);
-- ``wrong_vs_ill_formed`` (0.2): a well-formed wrong answer over an ill-formed one;
-- ``rambling`` (0.2) and ``junk`` (0.2): the correct answer over the same answer followed by more text;
-- ``near_miss`` (0.1): the correct answer over a well-formed wrong one (a sum off by one, a partly reversed list,
-  another place from the story).
+- ``ill_formed`` (0.35): the correct answer over an ill-formed one (an answer of another kind: a food for a place, a
+  word for a number; for a list, the words of another list or no list at all; sometimes nothing);
+- ``wrong_vs_ill_formed`` (0.15): a well-formed wrong answer (``near_miss``) over an ill-formed one;
+- ``rambling`` (0.25) and ``junk`` (0.25): the correct answer over the same answer followed by more text.
 
-The first four are decided by what the response looks like next to the prompt: whether it stops after the answer,
-whether it copies the input's words, whether its kind fits the question. ``near_miss`` needs the task solved, so a
-reward model judges it only as well as its backbone solves the tasks; it is kept a small share on purpose, and
-reward_model reports the accuracy of each kind. Measured on the 500 held-out pairs, for a reward model trained 200
-iterations from an SFT model that answers 47% of held-out questions right: rambling 100%, junk 97%, ill_formed 83%
-(arithmetic 100%, facts 90%, lists 75-82%, stories 74%), wrong_vs_ill_formed 82%, near_miss 53%; 85% overall. The
-copy check of lists and the kind of a story answer were still being learned when that run stopped.
+All four are decided by what the response looks like next to the prompt: whether it stops after the answer, whether
+its kind fits the question, whether a list is made of the input's words. That is a rule a reward model on the
+pipeline's 0.9M-parameter SFT backbone learns to 96% of held-out pairs in 2 minutes on 2 CPU cores (300
+iterations). Two harder kinds are left out of the set and kept as probes (``probe_pairs``), to show where such a
+reward model stops seeing:
+
+- ``near_miss``: the correct answer over a well-formed wrong one (a sum off by one, a partly reversed list, another
+  place from the story). It needs the task solved, so a reward model judges it only as well as its backbone solves
+  the tasks (about half of them): it stays near chance.
+- ``list_edit``: the correct list over the list with one word swapped for another, dropped, added or doubled. It
+  needs a word-by-word copy check; trained on such pairs, the reward model learned them to only 55-75% in 3 minutes
+  (a new word 72%, a dropped one 74%, a swapped one 54%, a doubled one 54%), and they pulled the other kinds down.
+
+The SFT training set can carry a share of demonstrations that follow the answer with a remark (``remark_share`` of
+sft_examples, from ``RAMBLES``), as demonstrations written by people often do: the SFT model then adds remarks too
+(to 42% of its sampled responses in the pipeline, where the share is 0.5), the rubric scores them lower, and that is
+something the reward model sees and PPO can fix (1.5% after PPO).
 
 CLI: ``python -m minigpt.tasks --out-dir DIR --seed 0`` writes the JSONL files.
 """
@@ -174,9 +182,23 @@ def _examples(seed: int, split: str, n: int, stream: str) -> list[dict]:
     return rows
 
 
-def sft_examples(seed: int = 0, n_train: int = 5000, n_test: int = 250) -> tuple[list[dict], list[dict]]:
-    """Instruction-tuning examples {"instruction", "input", "output", "task"}: (train, held-out test)."""
-    return _examples(seed, "train", n_train, "sft"), _examples(seed, "test", n_test, "sft")
+def sft_examples(seed: int = 0, n_train: int = 5000, n_test: int = 250,
+                 remark_share: float = 0.0) -> tuple[list[dict], list[dict]]:
+    """Instruction-tuning examples {"instruction", "input", "output", "task"}: (train, held-out test).
+
+    remark_share: the share of training outputs followed by a remark from RAMBLES ("12. I think that is right, but
+    I am not sure."), chosen by the seed; those examples get "remark": True. Held-out outputs are always the bare
+    answer (the reference for check_answer and ground_truth_score).
+    """
+    if not 0.0 <= remark_share <= 1.0:
+        raise ValueError(f"remark_share must be in [0, 1], got {remark_share}")
+    train = _examples(seed, "train", n_train, "sft")
+    rng = random.Random(f"remarks-{seed}")
+    for ex in train:
+        if rng.random() < remark_share and example_length(ex) + max(map(len, RAMBLES)) <= MAX_EXAMPLE_CHARS:
+            ex["output"] += rng.choice(RAMBLES)
+            ex["remark"] = True
+    return train, _examples(seed, "test", n_test, "sft")
 
 
 def ppo_prompts(seed: int = 0, n_train: int = 1000, n_test: int = 250) -> tuple[list[dict], list[dict]]:
@@ -291,19 +313,16 @@ OTHER_ANSWERS = (PLACES + NAME_POOL + COLOURS + FOODS + FEELINGS + tuple(f"{arti
 
 
 def ill_formed(example: dict, rng: random.Random) -> str:
-    """A response of the wrong form (score 0): a list with one word swapped for a word not in it, dropped, added
-    or doubled; an answer of another kind (a food for a place, a word for a number); sometimes nothing at all."""
+    """A response of the wrong form (score 0): an answer of another kind (a food for a place, a word for a number,
+    one word for a list), for a list also the words of another list (as many, none of them from the input);
+    sometimes nothing at all."""
     output = example["output"]
     for _ in range(100):
         if rng.random() < 0.08:
             candidate = ""
-        elif ", " in output:
+        elif ", " in output and rng.random() < 0.7:
             words = output.split(", ")
-            foreign = rng.choice([w for w in LIST_WORDS if w not in words])
-            i, j = rng.randrange(len(words)), rng.randrange(len(words))
-            candidate = join_words(rng.choice((words[:i] + [foreign] + words[i + 1:], words[:i] + words[i + 1:],
-                                               words[:i] + [foreign] + words[i:],
-                                               words[:i] + [words[j]] + words[i + 1:])))
+            candidate = join_words(rng.sample([w for w in LIST_WORDS if w not in words], len(words)))
         else:
             candidate = rng.choice(OTHER_ANSWERS)
         if ground_truth_score(example, candidate) == 0.0:
@@ -311,11 +330,24 @@ def ill_formed(example: dict, rng: random.Random) -> str:
     raise RuntimeError(f"no ill-formed response found for {output!r}")
 
 
-PAIR_KINDS = {"ill_formed": 0.3, "wrong_vs_ill_formed": 0.2, "rambling": 0.2, "junk": 0.2, "near_miss": 0.1}
+def list_edit(example: dict, rng: random.Random) -> str:
+    """The reference list with one word swapped for a word not in it, dropped, added or doubled (score 0)."""
+    words = example["output"].split(", ")
+    for _ in range(100):
+        foreign = rng.choice([w for w in LIST_WORDS if w not in words])
+        i, j = rng.randrange(len(words)), rng.randrange(len(words))
+        candidate = join_words(rng.choice((words[:i] + [foreign] + words[i + 1:], words[:i] + words[i + 1:],
+                                           words[:i] + [foreign] + words[i:], words[:i] + [words[j]] + words[i + 1:])))
+        if ground_truth_score(example, candidate) == 0.0:
+            return candidate
+    raise RuntimeError(f"no edit of {example['output']!r} found that is ill-formed")
 
 
-def _pair(example: dict, rng: random.Random) -> dict:
-    kind = rng.choices(tuple(PAIR_KINDS), tuple(PAIR_KINDS.values()))[0]
+PAIR_KINDS = {"ill_formed": 0.35, "wrong_vs_ill_formed": 0.15, "rambling": 0.25, "junk": 0.25}
+PROBE_KINDS = ("near_miss", "list_edit")  # left out of the set: see the module docstring
+
+
+def _pair(example: dict, rng: random.Random, kind: str) -> dict:
     output = chosen = example["output"]
     prompt = format_prompt(example["instruction"], example["input"])
     if kind in ("rambling", "junk"):
@@ -324,6 +356,8 @@ def _pair(example: dict, rng: random.Random) -> dict:
             kind = "ill_formed"
     if kind == "near_miss":
         rejected = near_miss(example, rng)
+    elif kind == "list_edit":
+        rejected = list_edit(example, rng)
     elif kind == "ill_formed":
         rejected = ill_formed(example, rng)
     elif kind == "wrong_vs_ill_formed":
@@ -332,16 +366,30 @@ def _pair(example: dict, rng: random.Random) -> dict:
             "output": output}
 
 
+def _random_kind(rng: random.Random) -> str:
+    return rng.choices(tuple(PAIR_KINDS), tuple(PAIR_KINDS.values()))[0]
+
+
 def preference_pairs(seed: int = 0, n_train: int = 4000, n_test: int = 500) -> tuple[list[dict], list[dict]]:
     """Pairs {"prompt", "chosen", "rejected", "task", "kind", "output"}: (train, held-out test).
 
     ground_truth_score(pair, chosen) > ground_truth_score(pair, rejected) for every pair; "kind" says which of the
-    five kinds of the module docstring it is. "output" is the reference answer, for ground_truth_score; a reward
+    four kinds of the module docstring it is. "output" is the reference answer, for ground_truth_score; a reward
     model trains on prompt, chosen and rejected only.
     """
     rng = random.Random(f"prefs-{seed}")
-    return ([_pair(ex, rng) for ex in _examples(seed, "train", n_train, "prefs")],
-            [_pair(ex, rng) for ex in _examples(seed, "test", n_test, "prefs")])
+    return ([_pair(ex, rng, _random_kind(rng)) for ex in _examples(seed, "train", n_train, "prefs")],
+            [_pair(ex, rng, _random_kind(rng)) for ex in _examples(seed, "test", n_test, "prefs")])
+
+
+def probe_pairs(seed: int = 0, n: int = 200) -> list[dict]:
+    """Held-out pairs of the kinds left out of preference_pairs (PROBE_KINDS), about n of each: ``near_miss`` from
+    every task, ``list_edit`` from the list tasks. Same layout as preference_pairs; for measuring a reward model's
+    blind spots, not for training."""
+    rng = random.Random(f"probes-{seed}")
+    examples = _examples(seed, "test", n, "probes")
+    lists = [ex for ex in _examples(seed, "test", 3 * n, "probes-lists") if ex["task"] in ("reverse", "sort")][:n]
+    return [_pair(ex, rng, "near_miss") for ex in examples] + [_pair(ex, rng, "list_edit") for ex in lists]
 
 
 # ------------------------------------------------------------------------------------------------------------ JSONL
@@ -390,6 +438,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed; use the corpus's seed so 'fact' tasks match it")
     parser.add_argument("--n-sft", type=int, nargs=2, default=(5000, 250), metavar=("TRAIN", "TEST"),
                         help="SFT examples (default 5000 250)")
+    parser.add_argument("--remark-share", type=float, default=0.0,
+                        help="share of SFT training answers followed by a remark (default 0; the pipeline uses 0.5)")
     parser.add_argument("--n-prefs", type=int, nargs=2, default=(4000, 500), metavar=("TRAIN", "TEST"),
                         help="preference pairs (default 4000 500)")
     parser.add_argument("--n-prompts", type=int, nargs=2, default=(1000, 250), metavar=("TRAIN", "TEST"),
@@ -399,7 +449,7 @@ def main(argv=None) -> None:
         if min(getattr(args, name)) < 0:
             parser.error(f"--{name.replace('_', '-')} counts must be >= 0, got {getattr(args, name)}")
     out = Path(args.out_dir)
-    sets = dict(zip(("sft_train", "sft_test"), sft_examples(args.seed, *args.n_sft)))
+    sets = dict(zip(("sft_train", "sft_test"), sft_examples(args.seed, *args.n_sft, args.remark_share)))
     sets.update(zip(("prefs_train", "prefs_test"), preference_pairs(args.seed, *args.n_prefs)))
     sets.update(zip(("prompts_train", "prompts_test"), ppo_prompts(args.seed, *args.n_prompts)))
     for name, rows in sets.items():

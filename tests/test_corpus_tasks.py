@@ -280,18 +280,57 @@ def test_preference_pairs_follow_the_rubric(facts):
     assert set(kinds) == set(tasks.PAIR_KINDS)
     for kind, share in tasks.PAIR_KINDS.items():
         assert abs(kinds[kind] / N_TRAIN - share) < 0.05, (kind, kinds)
-    expected = {"ill_formed": (1.0, 0.0), "wrong_vs_ill_formed": (0.25, 0.0), "rambling": (1.0, 0.5),
-                "junk": (1.0, 0.5), "near_miss": (1.0, 0.25)}
     for p in train + test:
-        instruction, inp = parse_prompt(p["prompt"])
-        right = solve(p["task"], instruction, inp, facts)
-        assert p["output"] == right
-        scores = hand_score(p["task"], right, p["chosen"]), hand_score(p["task"], right, p["rejected"])
-        assert scores == expected[p["kind"]], p
-        assert (ground_truth_score(p, p["chosen"]), ground_truth_score(p, p["rejected"])) == scores
-        assert (p["chosen"] == right) == (p["kind"] != "wrong_vs_ill_formed")
-        assert len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= 250
+        check_pair(p, facts)
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    # a list's ill-formed answer is no list of the input's words: another list, one word or nothing
+    for p in train:
+        if p["task"] in ("reverse", "sort") and p["kind"] == "ill_formed" and ", " in p["rejected"]:
+            assert not set(p["rejected"].split(", ")) & set(p["output"].split(", ")), p
+
+
+def check_pair(p, facts):
+    """The pair's two responses get the scores of its kind, by the hand-written rubric."""
+    expected = {"ill_formed": (1.0, 0.0), "wrong_vs_ill_formed": (0.25, 0.0), "rambling": (1.0, 0.5),
+                "junk": (1.0, 0.5), "near_miss": (1.0, 0.25), "list_edit": (1.0, 0.0)}
+    instruction, inp = parse_prompt(p["prompt"])
+    right = solve(p["task"], instruction, inp, facts)
+    assert p["output"] == right
+    scores = hand_score(p["task"], right, p["chosen"]), hand_score(p["task"], right, p["rejected"])
+    assert scores == expected[p["kind"]], p
+    assert (ground_truth_score(p, p["chosen"]), ground_truth_score(p, p["rejected"])) == scores
+    assert (p["chosen"] == right) == (p["kind"] != "wrong_vs_ill_formed")
+    assert len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= 250
+
+
+def test_probe_pairs_are_held_out_and_follow_the_rubric(facts):
+    probes = tasks.probe_pairs(0, 60)
+    assert collections.Counter(p["kind"] for p in probes) == {"near_miss": 60, "list_edit": 60}
+    assert set(tasks.PROBE_KINDS) == {"near_miss", "list_edit"} and not set(tasks.PROBE_KINDS) & set(tasks.PAIR_KINDS)
+    train_prompts = {p["prompt"] for p in preference_pairs(0, N_TRAIN, 0)[0]}
+    for p in probes:
+        check_pair(p, facts)
+        assert p["prompt"] not in train_prompts
+        if p["kind"] == "list_edit":  # one word swapped, dropped, added or doubled
+            got, right = p["rejected"].split(", "), p["output"].split(", ")
+            assert abs(len(got) - len(right)) <= 1 and len(set(got) - set(right)) <= 1, p
+
+
+def test_remark_share_adds_remarks_to_training_outputs_only(facts):
+    plain, _ = sft_examples(0, 1000, 10)
+    train, test = sft_examples(0, 1000, 10, remark_share=0.3)
+    remarked = [ex for ex in train if ex.get("remark")]
+    assert 0.25 < len(remarked) / len(train) < 0.35
+    for ex, bare in zip(train, plain):
+        if ex.get("remark"):
+            remark = ex["output"][len(bare["output"]):]
+            assert ex["output"].startswith(bare["output"]) and remark in tasks.RAMBLES
+            assert hand_score(ex["task"], bare["output"], ex["output"]) == 0.5
+        else:
+            assert ex == bare
+    assert test == sft_examples(0, 1000, 10)[1] and not any("remark" in ex for ex in test)
+    with pytest.raises(ValueError, match="remark_share"):
+        sft_examples(0, 10, 10, remark_share=1.5)
 
 
 def test_ppo_prompts_carry_the_reference_answer(facts):
