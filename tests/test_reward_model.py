@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import peft
+import rlhf.reward_model
 from minigpt import GPT, CharTokenizer, preset, tasks
 from minigpt.train import TrainConfig, save_checkpoint
 from rlhf.reward_model import (
@@ -344,7 +345,7 @@ def test_short_run_on_built_in_pairs_beats_chance(tmp_path, tok, pairs):
     assert after["val_loss"] < before["val_loss"] - 0.05
 
 
-def test_cli_writes_every_output(tmp_path, tok, pairs):
+def test_cli_writes_every_output(tmp_path, tok, pairs, monkeypatch):
     torch.manual_seed(0)
     sft = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=256))
     save_checkpoint(tmp_path / "sft.pt", {"model": sft.state_dict(), "model_config": sft.config.to_dict(),
@@ -362,5 +363,13 @@ def test_cli_writes_every_output(tmp_path, tok, pairs):
     assert set(results["accuracy_by_kind"]) <= set(tasks.PAIR_KINDS)
     loaded, _ = load_reward_model(out / "reward.pt")
     assert loaded.gain.item() == pytest.approx(1 / results["normalization"]["std"])
+    # without --peft the size of the backbone decides: all weights for a small one, LoRA above LORA_ABOVE
+    args = ["--sft", str(tmp_path / "sft.pt"), "--train-file", str(tmp_path / "train.jsonl"), "--test-file",
+            str(tmp_path / "test.jsonl"), "--max-iters", "1", "--batch-size", "2", "--n-normalize", "0",
+            "--device", "cpu", "--no-progress"]
+    assert main(args + ["--out-dir", str(tmp_path / "auto")])["method"] == "full"
+    monkeypatch.setattr(rlhf.reward_model, "LORA_ABOVE", sft.num_parameters() - 1)
+    assert main(args + ["--out-dir", str(tmp_path / "auto_big")])["method"] == "lora"
+    assert main(args + ["--out-dir", str(tmp_path / "forced"), "--peft", "full"])["method"] == "full"
     with pytest.raises(SystemExit):
         main(["--help"])
