@@ -2,7 +2,13 @@
 
     python -m rlhf.pipeline                 # out/pipeline/{pretrain,sft,reward,ppo}, then report.md
     python -m rlhf.pipeline --fast          # a smoke run in about a minute
-    python -m rlhf.pipeline --reward-hacking   # also PPO with beta = 0: the reward-model score rises, the truth not
+    python -m rlhf.pipeline --reward-hacking   # also PPO with beta = 0, a lesson in reward hacking
+
+What each stage is for, on the built-in world (minigpt.corpus, minigpt.tasks): pretraining learns the world's text;
+SFT imitates demonstrations, half of which follow the answer with a remark ("12. I think that is right, but I am not
+sure."), as demonstrations written by people often do; the reward model learns from preference pairs that users
+prefer the bare answer of the asked form; PPO, with the reward model as its only signal, teaches the policy to stop
+after the answer. The ground-truth rubric (tasks.ground_truth_score), which no stage sees, measures the gain.
 
 Each stage saves its model and a stage.json; a second run skips the stages already done (--force redoes them), so an
 interrupted pipeline resumes at the stage it was in. The report has the four-stage table (data, algorithm, model,
@@ -28,23 +34,27 @@ from rlhf.ppo import PPOConfig, make_reference, plot_ppo, response_logprobs, rew
 @dataclass
 class Sizes:
     """How much work each stage does; FAST shrinks everything for a smoke run. The defaults fit the four stages in
-    about 7.5 minutes on 2 uncontended CPU cores (pretraining 800 iterations about 200 s), so that `make demo`, venv
-    included, stays under 10 minutes."""
+    about 8.5 minutes on 2 uncontended CPU cores (pretraining about 195 s, SFT 120 s, reward model 120 s, PPO 65 s),
+    so that `make demo`, venv included, stays under 10 minutes. Fewer SFT iterations cost accuracy fast: 700
+    pretraining and 500 SFT iterations left the SFT model at 15% instead of 35%."""
 
     corpus_chars: int = 1_500_000
     pretrain_iters: int = 800
     n_layer: int = 4
     n_embd: int = 128
     sft_iters: int = 600
-    reward_iters: int = 200
+    remark_share: float = 0.5  # SFT demonstrations that add a remark after the answer (tasks.sft_examples)
+    reward_pairs: int = 20_000
+    reward_iters: int = 300
     ppo_steps: int = 30
     ppo_batch: int = 64
     eval_prompts: int = 200
+    ppo_vf_lr: float = 1e-3  # the fresh value head learns at its own, higher rate
     ppo_lr: float = 2e-5  # 5e-5 and above made the KL run away (to ~9 nats) with the 4-layer model
 
 
-FAST = Sizes(corpus_chars=200_000, pretrain_iters=60, n_layer=2, n_embd=64, sft_iters=30, reward_iters=20,
-             ppo_steps=3, ppo_batch=16, eval_prompts=24)
+FAST = Sizes(corpus_chars=200_000, pretrain_iters=60, n_layer=2, n_embd=64, sft_iters=30, reward_pairs=2000,
+             reward_iters=20, ppo_steps=3, ppo_batch=16, eval_prompts=24)
 
 
 def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
@@ -89,11 +99,16 @@ def stage_pretrain(out: Path, s: Sizes, progress: bool) -> dict:
 def stage_sft(out: Path, s: Sizes, progress: bool, method: str) -> dict:
     from peft.train import main as finetune
 
+    train, test = tasks.sft_examples(remark_share=s.remark_share)
+    tasks.write_jsonl(out / "data" / "sft_train.jsonl", train)
+    tasks.write_jsonl(out / "data" / "sft_test.jsonl", test)
     args = ["--method", method, "--base", str(out / "pretrain" / "best.pt"), "--out-dir", str(out / "sft"),
-            "--max-iters", str(s.sft_iters), "--eval-interval", str(max(s.sft_iters // 3, 1)),
+            "--train-file", str(out / "data" / "sft_train.jsonl"), "--test-file", str(out / "data" / "sft_test.jsonl"),
+            "--max-iters", str(s.sft_iters), "--eval-interval", str(s.sft_iters),
             "--eval-examples", str(min(200, s.eval_prompts))]
     r = finetune(args + ([] if progress else ["--no-progress"]))
-    return {"data": f"{len(tasks.sft_examples()[0]):,} instructions with answers",
+    remarks = sum(ex.get("remark", False) for ex in train)
+    return {"data": f"{len(train):,} instructions with answers ({remarks:,} with a remark after the answer)",
             "algorithm": f"language modelling on answer tokens ({method})", "model": "SFT model",
             "params": r["total_params"], "trainable": r["trainable_params"], "accuracy": r["accuracy"],
             "accuracy_before": r["before"]["accuracy"], "answer_loss": r["answer_loss"]}
@@ -102,12 +117,14 @@ def stage_sft(out: Path, s: Sizes, progress: bool, method: str) -> dict:
 def stage_reward(out: Path, s: Sizes, progress: bool) -> dict:
     from rlhf.reward_model import main as train_rm
 
-    args = ["--sft", str(out / "sft"), "--out-dir", str(out / "reward"), "--max-iters", str(s.reward_iters),
-            "--eval-interval", str(max(s.reward_iters // 3, 1)), "--n-normalize", str(min(100, s.eval_prompts))]
+    args = ["--sft", str(out / "sft"), "--out-dir", str(out / "reward"), "--n-pairs", str(s.reward_pairs),
+            "--max-iters", str(s.reward_iters), "--eval-interval", str(max(s.reward_iters // 3, 1)),
+            "--n-normalize", str(min(100, s.eval_prompts))]
     r = train_rm(args + ([] if progress else ["--no-progress"]))
-    return {"data": f"{len(tasks.preference_pairs()[0]):,} preference pairs", "algorithm": "Bradley-Terry loss",
+    return {"data": f"{s.reward_pairs:,} preference pairs", "algorithm": "Bradley-Terry loss",
             "model": "reward model (SFT backbone + scalar head)", "params": r["total_params"],
-            "accuracy": r["accuracy"], "accuracy_by_kind": r["accuracy_by_kind"]}
+            "accuracy": r["accuracy"], "accuracy_by_kind": r["accuracy_by_kind"],
+            "probe_accuracy": r.get("probe_accuracy", {})}
 
 
 def load_models(out: Path):
@@ -169,7 +186,7 @@ def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str) -> di
     by_prompt = {ex["prompt"]: ex for ex in train_examples}
     prompts = [tokenizer.encode(ex["prompt"]) for ex in train_examples]
     cfg = PPOConfig(steps=s.ppo_steps, batch_size=s.ppo_batch, minibatch_size=min(16, s.ppo_batch), beta=beta,
-                    lr=s.ppo_lr)
+                    lr=s.ppo_lr, vf_lr=s.ppo_vf_lr)
     before = evaluate_policy(policy, ref, rm, tokenizer, test_examples)
     actor, rows = train_ppo(policy, tokenizer, prompts, reward_model_fn(rm, tokenizer.eos_token_id), cfg,
                             ref_model=ref, out_dir=out / name, extra_metrics=true_score_metric(by_prompt, tokenizer),
@@ -202,7 +219,9 @@ def report(out: Path, results: dict) -> str:
               f"{results['sft']['accuracy_before']:.1%} -> {results['sft']['accuracy']:.1%}; reward-model held-out "
               f"pairwise accuracy {results['reward']['accuracy']:.1%} ("
               + ", ".join(f"{k} {v:.0%}" for k, v in results["reward"].get("accuracy_by_kind", {}).items())
-              + "; near_miss needs the task solved, the other kinds only the response's form).", "",
+              + "); on the probes left out of the preference set: "
+              + ", ".join(f"{k} {v:.0%}" for k, v in results["reward"].get("probe_accuracy", {}).items())
+              + " (near_miss needs the task solved, list_edit a word-by-word copy check).", "",
               "## SFT model vs RL model on held-out prompts", "",
               "| model | ground-truth score (sampled) | greedy accuracy | reward-model score | KL to SFT (nats) |",
               "|---|---:|---:|---:|---:|"]
@@ -233,7 +252,9 @@ def build_parser():
     p.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run in about a minute")
     p.add_argument("--force", action="store_true", help="redo stages that are already done")
     p.add_argument("--sft-method", default="full", help="full or a PEFT method (see python -m peft.train --help)")
-    p.add_argument("--beta", type=float, default=0.05, help="KL coefficient of the PPO stage")
+    # a small beta lets the policy drift on the list tasks, whose one-word errors the reward model cannot see (beta
+    # 0.05: KL 2.6 nats, greedy accuracy 41% -> 29.5%); 0.5 holds the KL under 1 nat and keeps most of it
+    p.add_argument("--beta", type=float, default=0.5, help="KL coefficient of the PPO stage (default 0.5)")
     p.add_argument("--reward-hacking", action="store_true", help="also run PPO with beta = 0")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -4,8 +4,8 @@ import json
 
 from rlhf.pipeline import Sizes, main
 
-TOY = Sizes(corpus_chars=60_000, pretrain_iters=20, n_layer=1, n_embd=32, sft_iters=8, reward_iters=6, ppo_steps=2,
-            ppo_batch=8, eval_prompts=8)
+TOY = Sizes(corpus_chars=60_000, pretrain_iters=20, n_layer=1, n_embd=32, sft_iters=8, reward_pairs=200,
+            reward_iters=6, ppo_steps=2, ppo_batch=8, eval_prompts=8)
 
 
 def test_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
@@ -19,6 +19,10 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"score", "kl", "true_score", "entropy", "clipfrac", "explained_variance"} <= set(rows[0])
     assert "| pretrain |" in (out / "report.md").read_text()
+    # the SFT data carries remarks after a share of the answers; the reward model is also scored on the probes
+    sft_train = [json.loads(line) for line in (out / "data" / "sft_train.jsonl").read_text().splitlines()]
+    assert abs(sum(ex.get("remark", False) for ex in sft_train) / len(sft_train) - TOY.remark_share) < 0.05
+    assert set(results["reward"]["probe_accuracy"]) == {"near_miss", "list_edit"}
     # a second run finds every stage done and only rewrites the report
     capsys.readouterr()
     again = main(["--out-dir", str(out), "--no-progress"], sizes=TOY)
