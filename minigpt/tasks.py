@@ -51,7 +51,7 @@ reward model stops seeing:
   place from the story). It needs the task solved, so a reward model judges it only as well as its backbone solves
   the tasks (about half of them): it stays near chance.
 - ``list_edit``: the correct list over the list with one word swapped for another, dropped, added or doubled. It
-  needs a word-by-word copy check; trained on such pairs, the reward model learned them to only 55-75% in 3 minutes
+  needs a word-by-word copy check; trained on such pairs, the reward model learned them to only 54-74% in 3 minutes
   (a new word 72%, a dropped one 74%, a swapped one 54%, a doubled one 54%), and they pulled the other kinds down.
 
 The SFT training set can carry a share of demonstrations that follow the answer with a remark (``remark_share`` of
@@ -332,6 +332,8 @@ def ill_formed(example: dict, rng: random.Random) -> str:
 
 def list_edit(example: dict, rng: random.Random) -> str:
     """The reference list with one word swapped for a word not in it, dropped, added or doubled (score 0)."""
+    if ", " not in example["output"]:
+        raise ValueError(f"list_edit needs a list answer, got {example['output']!r}")
     words = example["output"].split(", ")
     for _ in range(100):
         foreign = rng.choice([w for w in LIST_WORDS if w not in words])
@@ -362,6 +364,8 @@ def _pair(example: dict, rng: random.Random, kind: str) -> dict:
         rejected = ill_formed(example, rng)
     elif kind == "wrong_vs_ill_formed":
         chosen, rejected = near_miss(example, rng), ill_formed(example, rng)
+    elif kind not in ("rambling", "junk"):
+        raise ValueError(f"unknown kind of pair {kind!r}; expected one of {(*PAIR_KINDS, *PROBE_KINDS)}")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "task": example["task"], "kind": kind,
             "output": output}
 
@@ -378,8 +382,9 @@ def preference_pairs(seed: int = 0, n_train: int = 4000, n_test: int = 500) -> t
     model trains on prompt, chosen and rejected only.
     """
     rng = random.Random(f"prefs-{seed}")
+    test_rng = random.Random(f"prefs-test-{seed}")  # a stream of its own: the held-out pairs do not depend on n_train
     return ([_pair(ex, rng, _random_kind(rng)) for ex in _examples(seed, "train", n_train, "prefs")],
-            [_pair(ex, rng, _random_kind(rng)) for ex in _examples(seed, "test", n_test, "prefs")])
+            [_pair(ex, test_rng, _random_kind(test_rng)) for ex in _examples(seed, "test", n_test, "prefs")])
 
 
 def probe_pairs(seed: int = 0, n: int = 200) -> list[dict]:

@@ -30,7 +30,7 @@ each (``accuracy_<kind>`` in metrics.jsonl, ``accuracy_by_kind`` in results.json
 response looks like next to the prompt (extra text after the answer; an answer of the wrong kind; a list not made of
 the input's words). After training on the built-in set, the CLI also scores the probes of tasks.probe_pairs, kinds
 left out of the set because this small reward model cannot learn them (``probe_accuracy``): ``near_miss`` needs the
-task solved, ``list_edit`` a word-by-word copy check; both stay near chance (52% and 62% in the pipeline).
+task solved, ``list_edit`` a word-by-word copy check; it does not learn them (52% and 62% in the pipeline).
 
 CLI: ``python -m rlhf.reward_model --sft out/sft/full --out-dir out/reward`` (``--help`` for the options).
 """
@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-file", help="JSONL with prompt, chosen, rejected (default: the built-in pairs)")
     p.add_argument("--test-file", help="JSONL of held-out pairs (default: the built-in held-out pairs, or the last "
                                        "--eval-pairs pairs of --train-file, then left out of training)")
-    p.add_argument("--n-pairs", type=int, default=20_000, help="built-in training pairs (default 20000)")
+    p.add_argument("--n-pairs", type=int, default=20_000,
+                   help="built-in training pairs (default 20000; unused with --train-file)")
     p.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs scored at each evaluation")
     p.add_argument("--center-coef", type=float, default=0.0, help="coefficient of the (r_c + r_r)^2 centring term")
     p.add_argument("--n-normalize", type=int, default=100, help="held-out PPO prompts used to normalise (0: skip)")

@@ -277,16 +277,20 @@ def test_preference_pairs_follow_the_rubric(facts):
     train, test = preference_pairs(0, N_TRAIN, N_TEST)
     assert len(train) == N_TRAIN and len(test) == N_TEST
     kinds = collections.Counter(p["kind"] for p in train)
-    assert set(kinds) == set(tasks.PAIR_KINDS)
-    for kind, share in tasks.PAIR_KINDS.items():
+    shares = {"ill_formed": 0.35, "wrong_vs_ill_formed": 0.15, "rambling": 0.25, "junk": 0.25}  # module docstring
+    assert set(kinds) == set(shares)
+    for kind, share in shares.items():
         assert abs(kinds[kind] / N_TRAIN - share) < 0.05, (kind, kinds)
+    # the held-out pairs are the same whatever the number of training pairs
+    assert preference_pairs(0, 10, N_TEST)[1] == test
     for p in train + test:
         check_pair(p, facts)
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
-    # a list's ill-formed answer is no list of the input's words: another list, one word or nothing
+    # a list's ill-formed answer is no list of the input's words: another list as long, one word or nothing
     for p in train:
         if p["task"] in ("reverse", "sort") and p["kind"] == "ill_formed" and ", " in p["rejected"]:
-            assert not set(p["rejected"].split(", ")) & set(p["output"].split(", ")), p
+            got, right = p["rejected"].split(", "), p["output"].split(", ")
+            assert len(got) == len(right) and not set(got) & set(right), p
 
 
 def check_pair(p, facts):
@@ -307,13 +311,15 @@ def test_probe_pairs_are_held_out_and_follow_the_rubric(facts):
     probes = tasks.probe_pairs(0, 60)
     assert collections.Counter(p["kind"] for p in probes) == {"near_miss": 60, "list_edit": 60}
     assert set(tasks.PROBE_KINDS) == {"near_miss", "list_edit"} and not set(tasks.PROBE_KINDS) & set(tasks.PAIR_KINDS)
-    train_prompts = {p["prompt"] for p in preference_pairs(0, N_TRAIN, 0)[0]}
     for p in probes:
         check_pair(p, facts)
-        assert p["prompt"] not in train_prompts
-        if p["kind"] == "list_edit":  # one word swapped, dropped, added or doubled
+        if p["kind"] == "list_edit":  # one word swapped, dropped, added or doubled, the others left in place
             got, right = p["rejected"].split(", "), p["output"].split(", ")
-            assert abs(len(got) - len(right)) <= 1 and len(set(got) - set(right)) <= 1, p
+            edits = [got[:i] + got[i + 1:] == right[:i] + right[i + 1:] for i in range(len(got))
+                     if len(got) == len(right)]  # a swap or a doubling changes one position
+            edits += [got == right[:i] + right[i + 1:] for i in range(len(right))]  # a drop
+            edits += [got[:i] + got[i + 1:] == right for i in range(len(got))]  # an addition
+            assert any(edits) and got != right, p
 
 
 def test_remark_share_adds_remarks_to_training_outputs_only(facts):
@@ -329,6 +335,7 @@ def test_remark_share_adds_remarks_to_training_outputs_only(facts):
         else:
             assert ex == bare
     assert test == sft_examples(0, 1000, 10)[1] and not any("remark" in ex for ex in test)
+    assert all(len(format_prompt(ex["instruction"], ex["input"]) + ex["output"]) <= 250 for ex in train)
     with pytest.raises(ValueError, match="remark_share"):
         sft_examples(0, 10, 10, remark_share=1.5)
 
