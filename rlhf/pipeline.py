@@ -34,7 +34,7 @@ from rlhf.ppo import PPOConfig, make_reference, plot_ppo, response_logprobs, rew
 @dataclass
 class Sizes:
     """How much work each stage does; FAST shrinks everything for a smoke run. The defaults fit the four stages in
-    about 8.5 minutes on 2 uncontended CPU cores (pretraining about 195 s, SFT 120 s, reward model 120 s, PPO 65 s),
+    about 8.5 minutes on 2 uncontended CPU cores (measured: pretraining 188 s, SFT 121 s, reward model 121 s, PPO 73 s),
     so that `make demo`, venv included, stays under 10 minutes. Fewer SFT iterations cost accuracy fast: 700
     pretraining and 500 SFT iterations left the SFT model at 15% instead of 35%."""
 
@@ -253,7 +253,8 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="redo stages that are already done")
     p.add_argument("--sft-method", default="full", help="full or a PEFT method (see python -m peft.train --help)")
     # a small beta lets the policy drift on the list tasks, whose one-word errors the reward model cannot see (beta
-    # 0.05: KL 2.6 nats, greedy accuracy 41% -> 29.5%); 0.5 holds the KL under 1 nat and keeps most of it
+    # 0.05, with an SFT model trained on 30% remarks: KL 2.6 nats, greedy accuracy 41% -> 29.5%); 0.5 holds the KL
+    # under 1 nat
     p.add_argument("--beta", type=float, default=0.5, help="KL coefficient of the PPO stage (default 0.5)")
     p.add_argument("--reward-hacking", action="store_true", help="also run PPO with beta = 0")
     p.add_argument("--no-progress", action="store_true")
