@@ -51,6 +51,7 @@ What runs, in order:
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import json
@@ -296,16 +297,12 @@ def sweep_and_train(base, tok, mode, train, val, test, base_path, out, device, m
         model = rebuild(base, method, state)
         run_dir = out / "runs" / f"{method}-lr{lr:g}"
         scores = sft.evaluate(model, tok, test)  # the test set, seen once, by the chosen model only
-        answers = sft.generate_answers(model, tok, test, 32)  # greedy, so the answers evaluate scored
-        by_task = {}
-        for ex, answer in zip(test, answers):
-            by_task.setdefault(ex["task"], []).append(tasks.check_answer(ex, answer))
         saved = save_finetuned(copy.deepcopy(model).cpu(), tok, run_dir / "saved", base_path)
         rows[method] = {"lr": lr, "trainable_params": m["trainable_params"], "total_params": m["total_params"],
                         "answer_loss": scores["answer_loss"], "accuracy": scores["accuracy"],
                         "val_answer_loss": m["answer_loss"], "train_wall_s": m["wall_s"],
                         "saved_bytes": saved.stat().st_size,
-                        "task_accuracy": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}
+                        "task_accuracy": scores["accuracy_by_task"]}
         models[method] = model
         sweep[method] = {"lr": lr, "runs": runs, "at_edge": len(runs) > 1 and lr in (lrs[0], lrs[-1]),
                          "widened": widened[method]}
@@ -462,15 +459,7 @@ def structure_vs_base(model, base) -> dict:
     """How model's inference graph differs from base's: {"same": bool, "extra_params", "extra_modules": [types]}."""
     mods, tensors = architecture(model)
     base_mods, base_tensors = architecture(base)
-    base_types = {}
-    for _, t in base_mods:
-        base_types[t] = base_types.get(t, 0) + 1
-    extra = {}
-    for _, t in mods:
-        if base_types.get(t, 0) > 0:
-            base_types[t] -= 1
-        else:
-            extra[t] = extra.get(t, 0) + 1
+    extra = collections.Counter(t for _, t in mods) - collections.Counter(t for _, t in base_mods)
     base_numel = sum(torch.Size(s).numel() for _, s in base_tensors)
     numel = sum(torch.Size(s).numel() for _, s in tensors)
     return {"same": (mods, tensors) == (base_mods, base_tensors), "extra_params": numel - base_numel,

@@ -109,9 +109,15 @@ def answer_loss(model, encoded, pad_token_id: int, batch_size: int = 64) -> floa
 
 
 def evaluate(model, tokenizer, examples: list[dict], encoded=None, max_new_tokens: int = 32) -> dict:
-    """{"answer_loss", "accuracy"} on held-out examples (accuracy: exact match of greedy answers)."""
+    """{"answer_loss", "accuracy", "accuracy_by_task"} on held-out examples (accuracy: exact match of greedy
+    answers; accuracy_by_task: the same per example["task"], for examples that name their task)."""
     if encoded is None:
         encoded = encode_dataset(tokenizer, examples, model.config.block_size)
     answers = generate_answers(model, tokenizer, examples, max_new_tokens)
-    accuracy = sum(check_answer(ex, a) for ex, a in zip(examples, answers)) / len(examples)
-    return {"answer_loss": answer_loss(model, encoded, tokenizer.pad_token_id), "accuracy": accuracy}
+    correct = [check_answer(ex, a) for ex, a in zip(examples, answers)]
+    by_task = {}
+    for ex, right in zip(examples, correct):
+        if "task" in ex:
+            by_task.setdefault(ex["task"], []).append(right)
+    return {"answer_loss": answer_loss(model, encoded, tokenizer.pad_token_id), "accuracy": sum(correct) / len(correct),
+            "accuracy_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}

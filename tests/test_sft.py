@@ -67,6 +67,21 @@ def test_batched_answers_equal_one_by_one(tok, data):
     assert together == alone
 
 
+def test_evaluate_counts_exact_matches_overall_and_per_task(tok, data, monkeypatch):
+    examples = data[1][:6]
+    # answers chosen by hand: right for examples 0, 2 and 3, wrong (more text, other words, empty) for the rest
+    answers = [examples[0]["output"], examples[1]["output"] + " and more", examples[2]["output"].upper() + ".",
+               examples[3]["output"], "not an answer", ""]
+    monkeypatch.setattr(sft, "generate_answers", lambda *args, **kwargs: answers)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128))
+    scores = sft.evaluate(model, tok, examples)
+    assert scores["accuracy"] == 3 / 6
+    expected = {}
+    for i, ex in enumerate(examples):
+        expected.setdefault(ex["task"], []).append(i in (0, 2, 3))
+    assert scores["accuracy_by_task"] == {t: sum(v) / len(v) for t, v in expected.items()}
+
+
 @pytest.fixture(scope="module")
 def base_state(tok):
     """A tiny GPT pretrained briefly on the built-in corpus, so every method starts from a language model."""
