@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from minigpt import tasks
-from rlhf.ppo import PPOConfig, make_reference, plot_ppo, response_logprobs, reward_model_fn, train_ppo
+from rlhf.ppo import PPOConfig, make_reference, plot_ppo, response_logprobs, reward_model_fn, save_policy, train_ppo
 
 
 @dataclass
@@ -193,10 +193,7 @@ def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str) -> di
                             progress=progress)
     after = evaluate_policy(policy, ref, rm, tokenizer, test_examples)
     plot_ppo(rows, out / name / "ppo.png", title=f"PPO (beta = {beta:g})")
-    from minigpt.train import save_checkpoint
-
-    save_checkpoint(out / name / "policy.pt", {"model": policy.state_dict(), "model_config": policy.config.to_dict(),
-                                               "tokenizer": tokenizer.to_dict(), "stage": "ppo"})
+    save_policy(out / name / "policy.pt", policy, tokenizer, cfg)
     samples = [{"prompt": ex["prompt"], "reference": ex["output"], "sft": b, "rl": a}
                for ex, b, a in list(zip(test_examples, before.pop("greedy_answers"), after.pop("greedy_answers")))[:6]]
     return {"data": f"{len(prompts):,} prompts, {s.ppo_steps * s.ppo_batch:,} sampled responses",

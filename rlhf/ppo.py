@@ -413,6 +413,14 @@ def config_dict(cfg: PPOConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def save_policy(path, policy, tokenizer, cfg: PPOConfig) -> None:
+    """The trained policy as a checkpoint minigpt.sample and peft.train.load_base read, with the PPO settings."""
+    from minigpt.train import save_checkpoint
+
+    save_checkpoint(path, {"model": policy.state_dict(), "model_config": policy.config.to_dict(),
+                           "tokenizer": tokenizer.to_dict(), "stage": "ppo", "ppo": config_dict(cfg)})
+
+
 # -- CLI --------------------------------------------------------------------------------------------------------
 
 
@@ -452,7 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[dict]:
     from minigpt import tasks
-    from minigpt.train import save_checkpoint
     from rlhf.reward_model import load_reward_model, load_sft
 
     args = build_parser().parse_args(argv)
@@ -471,8 +478,7 @@ def main(argv=None) -> list[dict]:
     actor, rows = train_ppo(policy, tokenizer, prompts, reward_model_fn(reward_model, tokenizer.eos_token_id), cfg,
                             ref_model=ref, out_dir=out_dir, progress=not args.no_progress)
     plot_ppo(rows, out_dir / "ppo.png")
-    save_checkpoint(out_dir / "policy.pt", {"model": policy.state_dict(), "model_config": policy.config.to_dict(),
-                                            "tokenizer": tokenizer.to_dict(), "stage": "ppo", "ppo": config_dict(cfg)})
+    save_policy(out_dir / "policy.pt", policy, tokenizer, cfg)
     first, last = rows[0], rows[-1]
     print(f"PPO: reward-model score {first['score']:.3f} -> {last['score']:.3f}, KL {first['kl']:.3f} -> "
           f"{last['kl']:.3f} over {cfg.steps} steps; policy saved to {out_dir / 'policy.pt'}, plot {out_dir / 'ppo.png'}")
