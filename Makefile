@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test parity lint bench bench-pretrain bench-lora bench-peft notebooks clean
+.PHONY: help install demo chat test parity lint bench bench-pretrain bench-lora bench-peft notebooks clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ install: $(STAMP)  ## create .venv and install the package with its test extras
 
 demo: $(STAMP)  ## the four stages on the built-in data: pretrain, SFT, reward model, PPO (out/pipeline/report.md)
 	$(PY) -m rlhf.pipeline --out-dir out/pipeline
+
+chat: $(STAMP)  ## talk to the model make demo trained (out/pipeline/ppo; MODEL=out/pipeline/sft for the SFT model)
+	$(PY) -m minigpt.chat --model $(or $(MODEL),out/pipeline/ppo)
 
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q

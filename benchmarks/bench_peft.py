@@ -2,7 +2,7 @@
 
     python benchmarks/bench_peft.py                    # default mode (make bench-peft): ~15 min on 2 CPU cores
     python benchmarks/bench_peft.py --quick            # smoke check, under 2 minutes
-    python benchmarks/bench_peft.py --base out/pretrain/best.pt --methods full,lora,ia3
+    python benchmarks/bench_peft.py --base out/pretrain --methods full,lora,ia3
 
 What runs, in order:
 
@@ -14,14 +14,14 @@ What runs, in order:
    fine-tuning reach about 12%.
 2. Data. ``tasks.sft_examples``: its held-out examples (problems whose keys never occur in training) are cut in
    two, N_VAL validation examples that choose the learning rates and N_TEST test examples for the reported numbers.
-3. Fine-tuning with a learning-rate sweep. ``peft.train.finetune`` trains every method at DEFAULT_LR[method] times
+3. Fine-tuning with a learning-rate sweep. ``minigpt.sft.finetune`` trains every method at DEFAULT_LR[method] times
    each sweep factor (1/3, 1, 3), all with the same base, steps, batch size and seed (so the very same batches);
    while the best rate sits at the grid's edge, WIDEN more rates past that edge (x3 or /3). The runs are spread over
    --jobs worker processes (forked, one thread each). The sweep runs at the full budget, because the best rate
    depends on the budget: a shorter sweep picked rates that were too small for the longer runs. The rate with the
    lowest validation answer loss wins, and only that model is scored on the test set: exact-match accuracy and
-   answer loss (``minigpt.sft.evaluate``). Its saved file is what ``peft.train.save_finetuned`` writes
-   (``peft.save_adapter``'s safetensors file, or full fine-tuning's model.pt). ``--quick`` and ``--no-sweep``:
+   answer loss (``minigpt.sft.evaluate``). Its saved file is what ``minigpt.checkpoint.save_model`` writes
+   (``peft.save_adapter``'s safetensors file, or full fine-tuning's model.safetensors). ``--quick`` and ``--no-sweep``:
    DEFAULT_LR only.
 4. Cost, measured in this process alone once the workers are gone, side by side on fresh copies of the base with
    each method applied (on the CPU torch uses one thread unless --threads says otherwise: on cores shared with
@@ -72,11 +72,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import peft
-from minigpt import sft, tasks
-from minigpt.train import TrainConfig, configure_optimizer, select_device
-from minigpt.train import main as pretrain_main
+from minigpt import checkpoint, engine, sft, tasks
+from minigpt.device import select_device
+from minigpt.sft import DEFAULT_LR, METHODS, finetune, method_config
+from minigpt.train import PretrainConfig, TrainConfig, configure_optimizer, pretrain
 from peft import p_tuning, prefix_tuning
-from peft.train import DEFAULT_LR, METHODS, finetune, load_base, method_config, save_finetuned
 
 # Lialin et al. 2023 ("Scaling Down to Scale Up: A Guide to Parameter-Efficient Fine-Tuning"), Table 1, in our
 # words: method type (A additive, S selective, R reparameterisation-based) and inference overhead. The survey rates
@@ -141,28 +141,29 @@ MODES = {
 
 
 def pretrain_base(mode: Mode, out_dir: Path) -> tuple[Path, bool]:
-    """Pretrain the base model with minigpt.train.main into out_dir, or reuse the one a previous run with the same
-    arguments left there (out/ survives between runs). Returns (best.pt's path, whether it was reused)."""
+    """Pretrain the base model with minigpt.train.pretrain into out_dir, or reuse the one a previous run with the
+    same settings left there (out/ survives between runs). Returns (the model folder, whether it was reused)."""
     it = mode.pretrain_iters
-    argv = ["--preset", mode.preset, "--block-size", "128", "--vocab-size", str(mode.vocab_size),
-            "--corpus-chars", str(mode.corpus_chars), "--max-iters", str(it), "--batch-size", str(mode.pretrain_batch),
-            "--lr", str(mode.pretrain_lr), "--min-lr", str(mode.pretrain_lr / 10),
-            "--warmup-iters", str(mode.pretrain_warmup), "--eval-interval", str(it), "--eval-iters", "8",
-            "--out-dir", str(out_dir), "--no-progress"]
-    stamp = out_dir / "bench_peft_args.json"
-    if (out_dir / "best.pt").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == argv:
+    pcfg = PretrainConfig(preset=mode.preset, block_size=128, vocab_size=mode.vocab_size,
+                          corpus_chars=mode.corpus_chars)
+    cfg = TrainConfig(max_iters=it, batch_size=mode.pretrain_batch, lr=mode.pretrain_lr, min_lr=mode.pretrain_lr / 10,
+                      warmup_iters=mode.pretrain_warmup, eval_interval=it, eval_iters=8, out_dir=str(out_dir),
+                      progress=False)
+    settings = {"pretrain": dataclasses.asdict(pcfg), "train": dataclasses.asdict(cfg)}
+    stamp = out_dir / "bench_peft_settings.json"
+    if (out_dir / "model.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         print(f"reusing the base model in {out_dir} (delete the folder to pretrain again)")
-        return out_dir / "best.pt", True
-    print(f"pretraining the base model: python -m minigpt.train {' '.join(argv)}")
+        return out_dir, True
+    print(f"pretraining the base model: {pcfg}, {cfg}")
     stamp.unlink(missing_ok=True)
-    pretrain_main(argv)
-    stamp.write_text(json.dumps(argv))
-    return out_dir / "best.pt", False
+    pretrain(pcfg, cfg)
+    stamp.write_text(json.dumps(settings))
+    return out_dir, False
 
 
 def base_val_loss(base_path: Path):
     """The last validation loss in the pretraining run's metrics.jsonl, or None (--base from elsewhere)."""
-    metrics = base_path.parent / "metrics.jsonl"
+    metrics = (base_path if base_path.is_dir() else base_path.parent) / "metrics.jsonl"
     if not metrics.is_file():
         return None
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -297,7 +298,8 @@ def sweep_and_train(base, tok, mode, train, val, test, base_path, out, device, m
         model = rebuild(base, method, state)
         run_dir = out / "runs" / f"{method}-lr{lr:g}"
         scores = sft.evaluate(model, tok, test)  # the test set, seen once, by the chosen model only
-        saved = save_finetuned(copy.deepcopy(model).cpu(), tok, run_dir / "saved", base_path)
+        saved = checkpoint.save_model(run_dir / "saved", copy.deepcopy(model).cpu(), tok, "sft", base=base_path)
+        saved = saved / ("adapter.safetensors" if method != "full" else "model.safetensors")
         rows[method] = {"lr": lr, "trainable_params": m["trainable_params"], "total_params": m["total_params"],
                         "answer_loss": scores["answer_loss"], "accuracy": scores["accuracy"],
                         "val_answer_loss": m["answer_loss"], "train_wall_s": m["wall_s"],
@@ -477,7 +479,7 @@ def inference_cost(variants: dict, mode, test, tok, device) -> dict:
     x, _ = sft.collate(encoded, tok.pad_token_id)
     x = x.to(device)
     prompts = [tok.encode(tasks.format_prompt(ex["instruction"], ex.get("input", ""))) for ex in test[: mode.gen_prompts]]
-    ids, mask = (t.to(device) for t in sft.left_pad(prompts, tok.pad_token_id))
+    ids, mask = (t.to(device) for t in engine.left_pad(prompts, tok.pad_token_id))
     for model in variants.values():
         model.to(device).eval()
 
@@ -583,7 +585,7 @@ def write_table(results: dict, path: Path) -> str:
         ("- trainable params: peft.count_parameters (the tied embedding counted once); % of the base's parameters, "
         "so methods that add tensors count them on top of a base that stays frozen."),
         ("- saved file: peft.save_adapter's safetensors file (trained tensors and config); full fine-tuning: the "
-        "model.pt checkpoint peft.train.save_finetuned writes (state dict, config, tokenizer). \"exported\": the "
+        "model.safetensors minigpt.checkpoint.save_model writes (every weight). \"exported\": the "
         "file after replacing P-Tuning's prompt encoder / Prefix-Tuning's MLP by their output."),
         (f"- step time: median of {mode['timing_rounds']} rounds, one step of each method per round in random order "
         f"(forward, backward, clipping, AdamW) on one fixed batch of shape {results['training']['batch_shape']}; "
@@ -595,14 +597,14 @@ def write_table(results: dict, path: Path) -> str:
         f"{inf['generate']} with the KV cache; LoRA and IA3 merged with peft.merge and their wrappers removed, "
         "P-Tuning and Prefix-Tuning exported."),
         "",
-        (f"Learning-rate sweep: every method trained at peft.train.DEFAULT_LR x "
+        (f"Learning-rate sweep: every method trained at minigpt.sft.DEFAULT_LR x "
          f"{fmt_factors(mode['sweep_factors'])}, each run the full {mode['steps']} steps; where the lowest "
          f"validation loss sat at the grid's edge, {mode.get('widen', 0)} more rate(s) past it (x3 or /3). "
          f"Validation answer loss (accuracy) on {mode['n_val']} held-out examples disjoint from the test examples; "
          "the lowest loss wins and only the winner meets the test set. \"edge\": the winner is still the "
          "largest or smallest rate tried, so a rate further out might do better."
          if len(mode["sweep_factors"]) > 1 else
-         "No learning-rate sweep in this mode: every method trained once, at peft.train.DEFAULT_LR."),
+         "No learning-rate sweep in this mode: every method trained once, at minigpt.sft.DEFAULT_LR."),
     ]
     if len(mode["sweep_factors"]) > 1:
         lines += ["", "| method | DEFAULT_LR | lr: validation answer loss (accuracy) | chosen |", "|---|---:|---|---:|"]
@@ -819,7 +821,7 @@ def build_parser():
     p.add_argument("--out", default="out/bench_peft", help="run directory (base model, fine-tuning runs)")
     p.add_argument("--results-dir", default="benchmarks/results", help="where the table, plots and JSON go")
     p.add_argument("--steps", type=int, help="fine-tuning steps of every run (overrides the mode's)")
-    p.add_argument("--no-sweep", action="store_true", help="train each method once, at peft.train.DEFAULT_LR")
+    p.add_argument("--no-sweep", action="store_true", help="train each method once, at minigpt.sft.DEFAULT_LR")
     p.add_argument("--sweep-factors", help="learning rates tried: DEFAULT_LR times these, e.g. 1/3,1,3 (the mode's)")
     p.add_argument("--widen", type=int, help="extra rates tried past the grid's edge (the mode's: 1 by default)")
     p.add_argument("--rerender", action="store_true",
@@ -879,7 +881,8 @@ def run_benchmark(args, mode_name: str, mode: Mode, methods: list[str]) -> dict:
     else:
         base_path, reused = pretrain_base(mode, out / "base")
     timings["pretrain_s"] = time.perf_counter() - t0
-    base, tok = load_base(base_path)
+    loaded = checkpoint.load(base_path, expect="gpt")
+    base, tok = loaded.model, loaded.tokenizer
     train, val, test = split_examples(mode)
     before = sft.evaluate(base.to(device), tok, test)  # the base model's held-out scores
     base.cpu()

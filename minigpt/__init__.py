@@ -1,7 +1,8 @@
 """minigpt: a GPT written out for reading, and everything to train it."""
 
 from .config import PRESETS, GPTConfig, preset
-from .model import GPT, KVCache, sample_next_token
+from .engine import KVCache, sample_next_token
+from .model import GPT
 from .tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, get_tokenizer, tokenizer_from_dict
 
 __all__ = [

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import engine, pretrained
 from .config import GPTConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,52 +171,6 @@ class OutputLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class LayerCache:
-    """The keys and values one attention layer has seen so far, in a buffer allocated once and filled in place
-    (a torch.cat per step would copy the whole history every step). update returns views of the filled part."""
-
-    def __init__(self, capacity: int = 0):
-        self.capacity = capacity  # positions to allocate at the first update (grows by doubling if exceeded)
-        self.k = self.v = None
-        self.length = 0
-
-    def update(self, k, v):
-        B, nh, T, hs = k.shape  # (B, nh, T, hs)
-        if self.k is None or self.length + T > self.k.size(2):
-            size = max(self.capacity, 2 * (self.length + T))
-            grown_k, grown_v = k.new_empty(B, nh, size, hs), v.new_empty(B, nh, size, hs)
-            if self.k is not None:
-                grown_k[:, :, : self.length] = self.k[:, :, : self.length]
-                grown_v[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = grown_k, grown_v
-        self.k[:, :, self.length : self.length + T] = k
-        self.v[:, :, self.length : self.length + T] = v
-        self.length += T
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]  # (B, nh, S, hs)
-
-
-class KVCache:
-    """A LayerCache per block, plus which cached positions are real tokens and how many each row has seen.
-
-    key_mask (B, S): True for a real token, False for padding (and True for virtual tokens of a prompt method).
-    n_seen (B,): real tokens seen per row; the next token's position id.
-    capacity: positions each layer allocates up front (generate passes block_size).
-    """
-
-    def __init__(self, n_layer: int, capacity: int = 0):
-        self.layers = [LayerCache(capacity) for _ in range(n_layer)]
-        self.key_mask = None
-        self.n_seen = None
-        self.padded = False  # whether any cached position is padding (then attention needs an explicit mask)
-
-    def __len__(self):
-        return 0 if self.key_mask is None else self.key_mask.size(1)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The GPT
 
 
@@ -256,10 +211,14 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "GPT":
-        """Load a Hugging Face-format GPT-2 directory (config.json + model.safetensors or pytorch_model.bin)."""
-        from .pretrained import load_gpt2
-
-        return load_gpt2(path, **overrides)
+        """Load a Hugging Face-format GPT-2 directory (config.json + model.safetensors or pytorch_model.bin).
+        overrides: GPTConfig fields such as dropout."""
+        config, state_dict = pretrained.read_gpt2(path, **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, assign=True)
+        model.output_layer.head.weight = model.input_layer.wte.weight  # assign=True replaced the tied parameter
+        return model
 
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a tokenizer whose ids do not all fit in this model's vocabulary."""
@@ -370,77 +329,15 @@ class GPT(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx,
-        max_new_tokens,
-        temperature=1.0,
-        top_k=None,
-        top_p=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        attention_mask=None,
-        generator=None,
-        seed=None,
-        use_cache=True,
-    ):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+                 pad_token_id=None, attention_mask=None, generator=None, seed=None, use_cache=True):
         """Append up to max_new_tokens sampled tokens to idx (B, T) and return the (B, T + n) result.
 
         temperature 0 is greedy decoding. A row stops at its first eos_token_id; later positions of that row are
         filled with pad_token_id (or eos_token_id). A left-padded batch needs its attention_mask (B, T).
         With use_cache the KV cache makes each step cost one position; once the sequence reaches block_size the
         loop continues without the cache on the last block_size tokens (a sliding window, as nanoGPT does).
+        Runs in evaluation mode (no dropout) and restores the model's mode. The loop is minigpt.engine's.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=idx.device).manual_seed(seed)
-        B = idx.size(0)
-        mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        fill = eos_token_id if pad_token_id is None else pad_token_id
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
-        window = self.config.block_size - getattr(self.input_layer, "num_virtual_tokens", 0)  # real tokens that fit
-        step_input, step_mask = idx, mask
-        for _ in range(max_new_tokens):
-            if cache is not None and len(cache) + step_input.size(1) > self.config.block_size:
-                cache = None  # context full: slide the window from now on
-            if cache is None:
-                step_input, step_mask = idx[:, -window:], mask[:, -window:]
-            logits, _ = self(step_input, attention_mask=None if attention_mask is None else step_mask, cache=cache)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
-            if eos_token_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, fill), next_token)
-                finished |= next_token == eos_token_id
-            idx = torch.cat([idx, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=idx.device)], dim=1)
-            step_input, step_mask = next_token[:, None], mask[:, -1:]
-            if eos_token_id is not None and bool(finished.all()):
-                break
-        return idx
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (B, V): greedy when temperature == 0, else softmax(logits / temperature)
-    restricted to the top_k most likely tokens and/or the smallest set whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    logits = logits.float() / temperature
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is already full
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        return engine.generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id,
+                               attention_mask, generator, seed, use_cache)

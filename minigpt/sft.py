@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (instruction tuning): language modelling on the answer tokens only.
+"""Supervised fine-tuning (instruction tuning): language modelling on the answer tokens only, with all weights or
+through a PEFT method (the methods themselves are in ``peft/``; this module takes a model with or without one).
 
 An example {instruction, input, output} (the Alpaca layout) becomes
 
@@ -10,15 +11,36 @@ so the loss (cross-entropy over positions whose label is not -100) counts the an
 teaches the model to stop, never the prompt. Batches are padded on the right with the tokenizer's pad token and
 labels -100; right padding needs no attention mask in a causal model, since real tokens never look to their right.
 
-Evaluation: the answer-token loss on held-out examples, and exact-match accuracy of greedy answers (prompts padded on
-the left and decoded together with the KV cache, each stopped at its first eos).
+Evaluation: the answer-token loss on held-out examples, and exact-match accuracy of greedy answers (decoded together
+by the generation engine, minigpt.engine).
+
+The stage: ``run_sft(SFTConfig(...), TrainConfig(...), peft_config)`` opens the base model, fine-tunes it through the
+one training loop and writes a model folder (minigpt.checkpoint) that records the prompt template; its command line
+is ``python -m peft.train``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
-from .tasks import check_answer, format_prompt, read_jsonl  # noqa: F401  (read_jsonl: the Alpaca JSONL reader)
+from . import checkpoint, engine, tasks
+from .device import select_device
+from .files import read_jsonl
+from .options import option
+from .tasks import check_answer, format_prompt
+from .train import TrainConfig, train
+
+METHODS = ["full", "bitfit", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "lora", "ia3", "adapter"]
+# learning rates that work on the built-in task (see benchmarks/bench_peft.py for the sweep): methods with few
+# parameters far from the loss surface's sharp directions take larger steps; virtual tokens the largest
+DEFAULT_LR = {"full": 1e-3, "bitfit": 1e-2, "lora": 1e-2, "ia3": 3e-2, "adapter": 1e-2, "prompt_tuning": 0.3,
+              "p_tuning": 0.1, "prefix_tuning": 1e-2, "p_tuning_v2": 0.1}
+
+# -- data ---------------------------------------------------------------------------------------------------------
 
 
 def encode_example(tokenizer, example: dict) -> tuple[list[int], list[int]]:
@@ -61,35 +83,18 @@ def random_batch(encoded, batch_size: int, pad_token_id: int, generator: torch.G
     return collate([encoded[i] for i in ix], pad_token_id)
 
 
-def left_pad(prompts: list[list[int]], pad_token_id: int):
-    """Prompts padded on the left, so every row's next token goes in the same column: (ids, attention_mask)."""
-    T = max(map(len, prompts))
-    ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p) :] = torch.tensor(p)
-        mask[b, T - len(p) :] = 1
-    return ids, mask
+# -- evaluation ---------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int = 32, batch_size: int = 64,
                      temperature: float = 0.0, seed: int | None = None) -> list[str]:
     """The model's answer to each example's prompt (greedy by default), cut at the first eos."""
-    model.eval()
-    device = next(model.parameters()).device
-    answers = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        prompts = [tokenizer.encode(format_prompt(ex["instruction"], ex.get("input", ""))) for ex in chunk]
-        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-        out = model.generate(ids.to(device), max_new_tokens, temperature=temperature, attention_mask=mask.to(device),
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=seed)
-        for row in out[:, ids.size(1) :].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            answers.append(tokenizer.decode(row))
-    return answers
+    prompts = [tokenizer.encode(format_prompt(ex["instruction"], ex.get("input", ""))) for ex in examples]
+    room = engine.context_window(model) - max(map(len, prompts), default=0)  # an answer fits beside every prompt
+    responses = engine.complete_all(model, prompts, max(1, min(max_new_tokens, room)), tokenizer.eos_token_id,
+                                    tokenizer.pad_token_id, batch_size, temperature=temperature, seed=seed,
+                                    truncate_prompts=True)
+    return [tokenizer.decode(r) for r in responses]
 
 
 @torch.no_grad()
@@ -112,7 +117,7 @@ def evaluate(model, tokenizer, examples: list[dict], encoded=None, max_new_token
     """{"answer_loss", "accuracy", "accuracy_by_task"} on held-out examples (accuracy: exact match of greedy
     answers; accuracy_by_task: the same per example["task"], for examples that name their task)."""
     if encoded is None:
-        encoded = encode_dataset(tokenizer, examples, model.config.block_size)
+        encoded = encode_dataset(tokenizer, examples, engine.context_window(model))
     answers = generate_answers(model, tokenizer, examples, max_new_tokens)
     correct = [check_answer(ex, a) for ex, a in zip(examples, answers)]
     by_task = {}
@@ -121,3 +126,143 @@ def evaluate(model, tokenizer, examples: list[dict], encoded=None, max_new_token
             by_task.setdefault(ex["task"], []).append(right)
     return {"answer_loss": answer_loss(model, encoded, tokenizer.pad_token_id), "accuracy": sum(correct) / len(correct),
             "accuracy_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}
+
+
+# -- fine-tuning ----------------------------------------------------------------------------------------------------
+
+
+def method_config(method: str, **values):
+    """The PEFT config of method with the given field values (None: the config's default); None for "full".
+    A name the method's config does not have is refused, naming the ones it has."""
+    import peft
+
+    if method == "full":
+        given = [k for k, v in values.items() if v is not None]
+        if given:
+            raise ValueError(f"options {given} belong to PEFT methods; method 'full' trains all weights and has none")
+        return None
+    if method not in peft.CONFIGS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    cls = peft.CONFIGS[method]
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k, v in values.items() if v is not None and k not in names]
+    if unknown:
+        raise ValueError(f"{method} has no option {unknown[0]!r}; its options are {names}")
+    return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def finetune(model, tokenizer, train_examples, test_examples, config=None, cfg: TrainConfig | None = None,
+             eval_examples: int = 200, meta: dict | None = None) -> dict:
+    """Fine-tune model in place through the one training loop (patched with the PEFT config first, unless it is
+    None) and return the final metrics. A model carrying a PEFT method trains only the method's tensors, and its
+    checkpoints hold only those. meta: the model's description, written into every checkpoint."""
+    import peft
+
+    cfg = cfg or TrainConfig()
+    if config is not None:
+        peft.get_peft_model(model, config)
+    if getattr(model, "peft_config", None) is not None:
+        cfg = dataclasses.replace(cfg, save_trainable_only=True)
+    model.check_tokenizer(tokenizer)
+    window = engine.context_window(model)
+    train_set = encode_dataset(tokenizer, train_examples, window)
+    test_examples = test_examples[:eval_examples]
+    test_set = encode_dataset(tokenizer, test_examples, window)
+    pad = tokenizer.pad_token_id
+
+    def get_batch(generator):
+        return random_batch(train_set, cfg.batch_size, pad, generator)
+
+    def loss_fn(m, batch):
+        return m(batch[0], batch[1])[1]
+
+    def evaluation(m):
+        metrics = evaluate(m, tokenizer, test_examples, test_set)
+        return {"val_loss": metrics["answer_loss"], "accuracy": metrics["accuracy"]}
+
+    trainable, total = peft.count_parameters(model)
+    method = "full" if getattr(model, "peft_config", None) is None else model.peft_config.method
+    meta = meta or checkpoint.describe(model, "sft", tasks.TEMPLATE)
+    rows = train(model, get_batch, loss_fn, cfg, evaluation, meta=dict(meta, tokenizer=tokenizer.to_dict()))
+    final = [r for r in rows if r.get("val_loss") is not None][-1]
+    return {"method": method, "trainable_params": trainable, "total_params": total, "answer_loss": final["val_loss"],
+            "accuracy": final["accuracy"], "train_s": final["elapsed_s"], "iters": final["iter"] + 1}
+
+
+# -- the stage ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig:
+    """What to fine-tune, on what (the optimisation is a TrainConfig; the method's options a PEFT config)."""
+
+    method: str = option("lora", "full (all weights) or a PEFT method", choices=METHODS)
+    base: str = option("out/pretrain", "the model to fine-tune: a pretraining run or any model folder, a .pt "
+                       "checkpoint, or a Hugging Face GPT-2 folder")
+    train_file: str | None = option(None, "Alpaca-layout JSONL (instruction, optional input, output) to train on "
+                                    "(default: the built-in instruction set)")
+    test_file: str | None = option(None, "Alpaca-layout JSONL of held-out examples (default: the built-in held-out "
+                                   "set; with --train-file, its last --eval-examples rows, left out of training)")
+    eval_examples: int = option(200, "held-out examples scored at each evaluation")
+    remark_share: float = option(0.0, "built-in data: share of training answers followed by a remark")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.eval_examples < 1:
+            raise ValueError(f"eval_examples must be >= 1, got {self.eval_examples}")
+
+
+def sft_data(scfg: SFTConfig) -> tuple[list[dict], list[dict], str]:
+    """(training examples, held-out examples, where they came from)."""
+    if not scfg.train_file:
+        train_examples, test_examples = tasks.sft_examples(remark_share=scfg.remark_share)
+        return train_examples, test_examples, "built-in instruction set"
+    train_examples = read_jsonl(scfg.train_file)
+    if scfg.test_file:
+        return train_examples, read_jsonl(scfg.test_file), f"{scfg.train_file}, tested on {scfg.test_file}"
+    n = scfg.eval_examples
+    if len(train_examples) <= n:
+        raise ValueError(f"{scfg.train_file} has {len(train_examples)} examples: too few to hold out "
+                         f"--eval-examples {n} for testing; give --test-file or lower --eval-examples")
+    return train_examples[:-n], train_examples[-n:], f"{scfg.train_file} (its last {n} rows held out)"
+
+
+def open_base(path):
+    """(loaded, merged): the model to fine-tune from path, with its tokenizer and description. A base that carries a
+    mergeable adapter (a LoRA SFT output, say) is merged into a plain GPT first (merged True)."""
+    import peft
+
+    loaded = checkpoint.load(path, expect="gpt")
+    if getattr(loaded.model, "peft_config", None) is None:
+        return loaded, False
+    if not peft.can_merge(loaded.model):
+        raise ValueError(f"{path} carries a {loaded.model.peft_config.method!r} adapter, which cannot be merged "
+                         f"into its weights; fine-tune its base model instead")
+    peft.merge_and_unload(loaded.model)
+    return loaded, True
+
+
+def run_sft(scfg: SFTConfig, cfg: TrainConfig, peft_config=None) -> dict:
+    """Fine-tune scfg.base and write the model folder to cfg.out_dir: the whole model for method "full", the
+    adapter and the base's path for a PEFT method. Returns the results, "before" holding the base's metrics."""
+    import peft
+
+    loaded, merged = open_base(scfg.base)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    train_examples, test_examples, source = sft_data(scfg)
+    torch.manual_seed(cfg.seed)
+    before = evaluate(model.to(select_device(cfg.device)), tokenizer, test_examples[: scfg.eval_examples])
+    if peft_config is not None:
+        peft.get_peft_model(model, peft_config)
+    base = scfg.base if peft_config is not None and not merged else None  # an adapter goes on the base as saved
+    made_from = {"base": str(scfg.base), "data": source}
+    settings = {"sft": dataclasses.asdict(scfg), "train": dataclasses.asdict(cfg),
+                "peft": None if peft_config is None else dataclasses.asdict(peft_config)}
+    out = Path(cfg.out_dir)
+    meta = checkpoint.describe(model, "sft", tasks.TEMPLATE, made_from, settings, base=base, where=out)
+    results = finetune(model, tokenizer, train_examples, test_examples, None, cfg, scfg.eval_examples, meta)
+    results["before"] = before
+    results["saved"] = str(checkpoint.save_model(out, model.cpu(), tokenizer, "sft", tasks.TEMPLATE, made_from,
+                                                 settings, base=base))
+    return results

@@ -42,22 +42,20 @@ Every pair holds two responses of different scores, the higher one chosen. Four 
 - ``rambling`` (0.25) and ``junk`` (0.25): the correct answer over the same answer followed by more text.
 
 All four are decided by what the response looks like next to the prompt: whether it stops after the answer, whether
-its kind fits the question, whether a list is made of the input's words. That is a rule a reward model on the
-pipeline's 0.9M-parameter SFT backbone learns to 96% of held-out pairs in 2 minutes on 2 CPU cores (300
-iterations). Two harder kinds are left out of the set and kept as probes (``probe_pairs``), to show where such a
-reward model stops seeing:
+its kind fits the question, whether a list is made of the input's words. That is a rule a small reward model can learn
+(the README has the measured accuracy). Two harder kinds are left out of the set and kept as probes
+(``probe_pairs``), to show where such a reward model stops seeing:
 
 - ``near_miss``: the correct answer over a well-formed wrong one (a sum off by one, a partly reversed list, another
   place from the story). It needs the task solved, so a reward model judges it only as well as its backbone solves
-  the tasks (about half of them): it stays near chance.
+  the tasks.
 - ``list_edit``: the correct list over the list with one word swapped for another, dropped, added or doubled. It
-  needs a word-by-word copy check; trained on such pairs, the reward model learned them to only 54-74% in 3 minutes
-  (a new word 72%, a dropped one 74%, a swapped one 54%, a doubled one 54%), and they pulled the other kinds down.
+  needs a word-by-word copy check, which a small reward model learns poorly, and training on such pairs pulls the
+  other kinds down.
 
 The SFT training set can carry a share of demonstrations that follow the answer with a remark (``remark_share`` of
-sft_examples, from ``RAMBLES``), as demonstrations written by people often do: the SFT model then adds remarks too
-(to 42% of its sampled responses in the pipeline, where the share is 0.5), the rubric scores them lower, and that is
-something the reward model sees and PPO can fix (1.5% after PPO).
+sft_examples, from ``RAMBLES``), as demonstrations written by people often do: the SFT model then adds remarks too,
+the rubric scores them lower, and that is something the reward model sees and PPO can fix.
 
 CLI: ``python -m minigpt.tasks --out-dir DIR --seed 0`` writes the JSONL files.
 """
@@ -65,8 +63,6 @@ CLI: ``python -m minigpt.tasks --out-dir DIR --seed 0`` writes the JSONL files.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import re
 import zlib
@@ -88,6 +84,7 @@ from .corpus import (
     join_words,
     make_story,
 )
+from .files import write_jsonl
 
 TASKS = ("arithmetic", "reverse", "sort", "story", "fact")
 TEST_FRACTION = 0.2  # share of problem keys held out for the test sets
@@ -100,11 +97,27 @@ RAMBLES = (". I think that is right, but I am not sure.", ", and that is all I c
            "\nLet me check it again. Maybe it is something else.", ". That was a fun question to answer!")
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The short Alpaca-like prompt; the Input section is left out when input is empty."""
+# The prompt template of instruction tuning (a short form of Alpaca's). An SFT model records it in its output, so that
+# every later stage and command (PPO, chat, sample) asks it questions the way it was taught.
+TEMPLATE = {"with_input": "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n",
+            "without_input": "### Instruction:\n{instruction}\n### Response:\n"}
+
+
+def format_prompt(instruction: str, input: str = "", template: dict | None = None) -> str:
+    """The prompt for an instruction (and its input) in the template; the Input section is left out when input is
+    empty. A text already in the template's form is returned as it is."""
+    template = template or TEMPLATE
+    if not input and is_formatted(instruction, template):
+        return instruction
     if input:
-        return f"### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
-    return f"### Instruction:\n{instruction}\n### Response:\n"
+        return template["with_input"].format(instruction=instruction, input=input)
+    return template["without_input"].format(instruction=instruction)
+
+
+def is_formatted(text: str, template: dict | None = None) -> bool:
+    """Whether text already starts as a prompt of the template does (then it is not wrapped a second time)."""
+    head = (template or TEMPLATE)["without_input"].split("{instruction}")[0]
+    return bool(head) and text.startswith(head)
 
 
 def example_length(example: dict) -> int:
@@ -395,45 +408,6 @@ def probe_pairs(seed: int = 0, n: int = 200) -> list[dict]:
     examples = _examples(seed, "test", n, "probes")
     lists = [ex for ex in _examples(seed, "test", 3 * n, "probes-lists") if ex["task"] in ("reverse", "sort")][:n]
     return [_pair(ex, rng, "near_miss") for ex in examples] + [_pair(ex, rng, "list_edit") for ex in lists]
-
-
-# ------------------------------------------------------------------------------------------------------------ JSONL
-
-def write_jsonl(path, rows) -> None:
-    """One JSON object a line, written to a temporary file and renamed, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path, required=("instruction", "output")) -> list[dict]:
-    """The objects of a JSONL file (blank lines skipped). A line that is not JSON, not an object, lacks a required
-    field or has a non-string text field raises ValueError naming the file and the line number."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-            for name in required:
-                if name not in row:
-                    raise ValueError(f"{path}, line {n}: missing field {name!r} (required: {', '.join(required)})")
-            for name in (*required, "instruction", "input", "output", "prompt", "chosen", "rejected"):
-                if name in row and not isinstance(row[name], str):
-                    raise ValueError(f"{path}, line {n}: field {name!r} must be a string, "
-                                     f"got {type(row[name]).__name__} {row[name]!r}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows (the file is empty)")
-    return rows
 
 
 def main(argv=None) -> None:

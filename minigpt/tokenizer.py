@@ -63,25 +63,55 @@ class CharTokenizer:
 
 class BPETokenizer:
     """Byte-level BPE. ``ranks`` lists the token byte strings in merge order: the 256 single bytes, then one per
-    learned merge. Special tokens follow: <|endoftext|> (eos) and <|pad|>."""
+    learned merge. Special tokens follow: <|endoftext|> (eos) and <|pad|>; with pad_token=False there is no pad
+    token and padding uses the eos id (as GPT-2's vocabulary, read by ``from_gpt2_files``, has no room for one)."""
 
-    def __init__(self, ranks: list[bytes], pattern: str = GPT2_PATTERN, name: str = "bpe"):
+    def __init__(self, ranks: list[bytes], pattern: str = GPT2_PATTERN, name: str = "bpe", pad_token: bool = True):
         self.ranks = list(ranks)
         self.pattern = pattern
+        self.pad_token = pad_token
         self.rank_of = {token: i for i, token in enumerate(self.ranks)}
         if len(self.rank_of) != len(self.ranks):
             raise ValueError("BPE ranks must be distinct byte strings")
         self.eos_token_id = len(self.ranks)
-        self.pad_token_id = len(self.ranks) + 1
-        self.vocab_size = len(self.ranks) + 2
+        self.pad_token_id = len(self.ranks) + 1 if pad_token else self.eos_token_id
+        self.vocab_size = len(self.ranks) + (2 if pad_token else 1)
         self.name = f"{name}:{self.vocab_size}"
         self._regex = regex.compile(pattern)
-        self.encoding = tiktoken.Encoding(
-            name=self.name,
-            pat_str=pattern,
-            mergeable_ranks=self.rank_of,
-            special_tokens={EOS: self.eos_token_id, PAD: self.pad_token_id},
-        )
+        specials = {EOS: self.eos_token_id} | ({PAD: self.pad_token_id} if pad_token else {})
+        self.encoding = tiktoken.Encoding(name=self.name, pat_str=pattern, mergeable_ranks=self.rank_of,
+                                          special_tokens=specials)
+
+    @classmethod
+    def from_gpt2_files(cls, folder) -> "BPETokenizer":
+        """GPT-2's tokenizer from a Hugging Face folder's vocab.json (or tokenizer.json), offline. GPT-2 numbers its
+        tokens in merge order (the 256 bytes, then one id per merge, <|endoftext|> last), so the ids are the ranks;
+        merges.txt, when present, is checked to agree."""
+        folder = Path(folder)
+        if (folder / "vocab.json").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        elif (folder / "tokenizer.json").is_file():
+            vocab = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+        else:
+            raise FileNotFoundError(f"{folder} has no vocab.json or tokenizer.json: copy GPT-2's tokenizer files "
+                                    f"(vocab.json, merges.txt) into it, or choose a tokenizer by name")
+        byte_of = {c: b for b, c in gpt2_byte_encoder().items()}
+        ranks = [None] * (len(vocab) - (EOS in vocab))
+        for token, i in vocab.items():
+            if token == EOS:
+                if i != len(ranks):
+                    raise ValueError(f"{folder}: <|endoftext|> has id {i}; expected the last id, {len(ranks)}")
+                continue
+            if not 0 <= i < len(ranks) or ranks[i] is not None:
+                raise ValueError(f"{folder}: token ids must number the tokens 0..{len(ranks) - 1} once each")
+            ranks[i] = bytes(byte_of[c] for c in token)
+        if (folder / "merges.txt").is_file():
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merged = [vocab.get("".join(line.split(" "))) for line in lines if line and not line.startswith("#v")]
+            if any(m is None for m in merged) or merged != sorted(merged):
+                raise ValueError(f"{folder}: merges.txt does not number the merged tokens in merge order, so the "
+                                 f"ids cannot serve as ranks; only GPT-2-style vocabularies are read")
+        return cls(ranks, GPT2_PATTERN, name="gpt2-files", pad_token=False)
 
     # -- training --------------------------------------------------------------------------------------------
 
@@ -169,6 +199,7 @@ class BPETokenizer:
             "type": "bpe",
             "pattern": self.pattern,
             "ranks": [base64.b64encode(t).decode("ascii") for t in self.ranks],
+            **({} if self.pad_token else {"pad_token": False}),
         }
 
     def save(self, path) -> None:
@@ -179,6 +210,20 @@ class BPETokenizer:
     @classmethod
     def load(cls, path) -> "BPETokenizer":
         return tokenizer_from_dict(json.loads(Path(path).read_text()))
+
+
+def gpt2_byte_encoder() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character, as its vocab.json spells tokens: the printable Latin-1
+    bytes stand for themselves, the other 68 bytes for the characters from chr(256) on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def _merge(symbols: list[bytes], pair: tuple[bytes, bytes], merged: bytes) -> list[bytes]:
@@ -236,7 +281,7 @@ def tokenizer_from_dict(d: dict):
     if kind == "char":
         return CharTokenizer(d["chars"])
     if kind == "bpe":
-        return BPETokenizer([base64.b64decode(t) for t in d["ranks"]], d["pattern"])
+        return BPETokenizer([base64.b64decode(t) for t in d["ranks"]], d["pattern"], pad_token=d.get("pad_token", True))
     if kind == "tiktoken":
         return TiktokenTokenizer(d["name"])
     raise ValueError(f"unknown tokenizer type {kind!r}; expected 'char', 'bpe' or 'tiktoken'")

@@ -12,7 +12,8 @@ What the loop does: AdamW with weight decay on weight matrices only, linear warm
 gradient accumulation, gradient clipping, mixed precision on GPUs, DistributedDataParallel under torchrun,
 a progress bar, metrics.jsonl, a loss-curve PNG, atomic checkpoints (latest and best) that resume exactly.
 
-CLI (pretraining): ``python -m minigpt.train --help``; with no --data it trains on the built-in corpus.
+Pretraining, the first stage, is at the bottom: ``pretrain(PretrainConfig(...), TrainConfig(...))``, and its command
+line ``python -m minigpt.train --help`` (with no --data it trains on the built-in corpus).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,35 +32,39 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .checkpoint import describe, load_checkpoint, save_checkpoint, save_model
 from .config import PRESETS, GPTConfig, preset
+from .device import Processes, init_processes, precision, select_device
 from .model import GPT
+from .options import HelpFormatter, add_options, from_args, option, run
 
 
 @dataclass
 class TrainConfig:
-    max_iters: int = 2000
-    batch_size: int = 12
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # None: decay over max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    gradient_accumulation_steps: int = 1  # micro-batches per iteration, over all processes together
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    out_dir: str = "out/pretrain"
-    seed: int = 1337
-    device: str = "auto"  # auto: cuda, then mps, then cpu
-    dtype: str = "auto"  # auto: bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU
-    compile: bool = False
-    decay_embeddings: bool = False
-    save_trainable_only: bool = False  # PEFT: checkpoints hold only the trained tensors
-    progress: bool = True
-    plot: bool = True
+    max_iters: int = option(2000, "optimizer steps")
+    batch_size: int = option(12, "sequences per micro-batch")
+    lr: float = option(1e-3, "peak learning rate (after the warm-up)")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "iterations of linear warm-up from 0 to lr")
+    lr_decay_iters: int | None = option(None, "iteration where the cosine decay reaches min_lr (none: max_iters)")
+    weight_decay: float = option(0.1, "AdamW weight decay on the weight matrices")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per iteration, over all processes together")
+    eval_interval: int = option(250, "evaluate (and checkpoint) every this many iterations, and at the end")
+    eval_iters: int = option(20, "batches of the validation split per evaluation")
+    log_interval: int = option(10, "write a metrics row every this many iterations")
+    out_dir: str = option("out/pretrain", "where checkpoints, metrics.jsonl and loss.png go")
+    seed: int = option(1337, "seed of the initial weights and of every batch")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    dtype: str = option("auto", "auto (bfloat16 on GPUs that support it, float16 on others, float32 on CPU), "
+                        "float32, bfloat16, float16", choices=["auto", "float32", "bfloat16", "float16"])
+    compile: bool = option(False, "torch.compile the model")
+    decay_embeddings: bool = option(False, "apply weight decay to the embeddings too")
+    save_trainable_only: bool = option(False, "checkpoints hold only the trained tensors (PEFT)")
+    progress: bool = option(True, "show a progress bar")
+    plot: bool = option(True, "draw loss.png at the end")
 
     def __post_init__(self):
         for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
@@ -102,99 +105,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def configure_optimizer(model, cfg: TrainConfig, device_type: str):
+def configure_optimizer(model, cfg: TrainConfig, device_type: str, eps: float = 1e-8):
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     if not groups[0]["params"] and not groups[1]["params"]:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=eps, fused=device_type == "cuda")
 
 
-# -- devices, precision, processes ----------------------------------------------------------------------------
-
-
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():  # does not initialise CUDA when there is none
-        return torch.device("cuda", local_rank)
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def precision(device: torch.device, dtype: str = "auto"):
-    """(autocast context, GradScaler or None): bf16 autocast on GPUs that support it, fp16 + GradScaler on the
-    others, plain float32 on CPU and MPS."""
-    if dtype == "auto":
-        if device.type != "cuda":
-            dtype = "float32"
-        else:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    if dtype == "float32":
-        return contextlib.nullcontext(), None
-    ctx = torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-    scaler = torch.amp.GradScaler(device.type) if dtype == "float16" else None
-    return ctx, scaler
-
-
-@dataclass
-class Processes:
-    """Where this process sits among the torchrun processes (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_processes() -> Processes:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Processes()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return Processes(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world)
-
-
-# -- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path, state: dict) -> None:
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with weights_only=True: tensors and plain containers only, never pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {str(path)!r}: it holds objects other than tensors and plain containers "
-            f"(possibly code); only checkpoints of plain data are loaded ({str(e).splitlines()[0]})"
-        ) from None
-
-
-def model_from_checkpoint(ckpt: dict) -> GPT:
-    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
+# -- the loop's helpers ----------------------------------------------------------------------------------------
 
 
 def _generator(seed: int, it: int, micro: int) -> torch.Generator:
@@ -382,80 +300,62 @@ def plot_losses(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-# -- pretraining CLI ------------------------------------------------------------------------------------------
+# -- pretraining: the first stage, and its command line ----------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m minigpt.train",
-        description="Pretrain a GPT on text: the built-in corpus by default, or your own files with --data. "
-        "Runs on several processes with torchrun --nproc_per_node=N -m minigpt.train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d = TrainConfig()
-    g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", help="text file(s) to train on (default: the built-in corpus)")
-    g.add_argument("--tokenizer", default="bpe", help="bpe | char | gpt2 | cl100k_base | path/to/tokenizer.json")
-    g.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size when --tokenizer bpe")
-    g.add_argument("--corpus-seed", type=int, default=0, help="seed of the built-in corpus")
-    g.add_argument("--corpus-chars", type=int, default=1_500_000, help="size of the built-in corpus in characters")
-    g.add_argument("--data-dir", help="where the token ids are cached (default: OUT_DIR/data)")
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default="baby", choices=sorted(PRESETS), help="model size; the flags below override it")
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        g.add_argument("--" + name.replace("_", "-"), type=int)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--layout", choices=["pre_ln", "post_ln"], default="pre_ln")
-    g.add_argument("--no-bias", action="store_true", help="no biases in the Linear layers and LayerNorms (GPT-2 "
-                   "has them; nanoGPT's default leaves them out)")
-    g = p.add_argument_group("training")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("progress", "plot", "save_trainable_only", "compile", "decay_embeddings"):
-            continue
-        default = getattr(d, f.name)
-        g.add_argument("--" + f.name.replace("_", "-"), type=type(default) if default is not None else int,
-                       default=default)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--decay-embeddings", action="store_true", help="apply weight decay to the embeddings too")
-    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+@dataclass
+class PretrainConfig:
+    """What to pretrain on and the model's shape (the optimisation is a TrainConfig)."""
+
+    data: list[str] | None = option(None, "text file(s) to train on (default: the built-in corpus)")
+    tokenizer: str = option("bpe", "bpe | char | gpt2 | cl100k_base | path/to/tokenizer.json")
+    vocab_size: int = option(512, "BPE vocabulary size when --tokenizer bpe")
+    corpus_seed: int = option(0, "seed of the built-in corpus")
+    corpus_chars: int = option(1_500_000, "size of the built-in corpus in characters")
+    data_dir: str | None = option(None, "where the token ids are cached (default: OUT_DIR/data)")
+    preset: str = option("baby", "model size; the shape options below override it", choices=sorted(PRESETS))
+    n_layer: int | None = option(None, "blocks (default: the preset's)")
+    n_head: int | None = option(None, "attention heads (default: the preset's)")
+    n_embd: int | None = option(None, "embedding width (default: the preset's)")
+    block_size: int | None = option(None, "context length in tokens (default: the preset's)")
+    dropout: float = option(0.0, "dropout probability")
+    layout: str = option("pre_ln", "pre_ln (GPT-2) or post_ln (BERT)", choices=["pre_ln", "post_ln"])
+    bias: bool = option(True, "biases in the Linear layers and LayerNorms (GPT-2 has them; nanoGPT leaves them out)")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        sizes = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k)}
+        return preset(self.preset, vocab_size=vocab_size, dropout=self.dropout, layout=self.layout, bias=self.bias,
+                      **sizes)
 
 
-def load_documents(args) -> tuple[list[str], str]:
-    if args.data:
+def load_documents(pcfg: PretrainConfig) -> tuple[list[str], str]:
+    """The documents to train on and a one-line description of where they came from."""
+    if pcfg.data:
         from .data import read_texts
 
-        return read_texts(args.data), ", ".join(args.data)
+        return read_texts(pcfg.data), ", ".join(pcfg.data)
     from .corpus import build_corpus
 
-    text = build_corpus(seed=args.corpus_seed, n_chars=args.corpus_chars)
-    return [d + "\n" for d in text.split("\n\n") if d.strip()], f"built-in corpus (seed {args.corpus_seed})"
+    text = build_corpus(seed=pcfg.corpus_seed, n_chars=pcfg.corpus_chars)
+    return [d + "\n" for d in text.split("\n\n") if d.strip()], f"built-in corpus (seed {pcfg.corpus_seed})"
 
 
-def main(argv=None) -> list[dict]:
+def pretrain(pcfg: PretrainConfig, cfg: TrainConfig, resume: bool = False, procs: Processes | None = None) -> dict:
+    """Tokenise the data, build the GPT, train it with the loop above and save the best model as a model folder in
+    cfg.out_dir (beside the run's checkpoints). Returns the results: validation loss, iterations, time, size."""
     from .data import fixed_windows, prepare, random_batch, window_batches
 
-    args = build_parser().parse_args(argv)
-    cfg_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in cfg_fields and k not in ("progress",)},
-                      progress=not args.no_progress)
-    procs = init_processes()
-    documents, source = load_documents(args)
+    procs = procs or init_processes()
+    documents, source = load_documents(pcfg)
     for turn in ("main", "others"):  # the main process tokenises; the others then read what it wrote
         if (turn == "main") == procs.is_main:
-            data = prepare(documents, args.data_dir or Path(cfg.out_dir) / "data", args.tokenizer, args.vocab_size,
+            data = prepare(documents, pcfg.data_dir or Path(cfg.out_dir) / "data", pcfg.tokenizer, pcfg.vocab_size,
                            source=source)
         if procs.world_size > 1:
             dist.barrier()
     tokenizer = data.tokenizer
-    resume = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt") if args.resume else None
-    if resume is not None:
-        model_config = GPTConfig.from_dict(resume["model_config"])
-    else:
-        sizes = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
-        model_config = preset(args.preset, vocab_size=tokenizer.vocab_size, dropout=args.dropout,
-                              layout=args.layout, bias=not args.no_bias, **sizes)
+    state = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt") if resume else None
+    model_config = GPTConfig.from_dict(state["model_config"]) if state else pcfg.model_config(tokenizer.vocab_size)
     data.check_length(model_config.block_size)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     model = GPT(model_config)
@@ -473,25 +373,55 @@ def main(argv=None) -> list[dict]:
     def evaluate(m):
         m.eval()
         device = next(m.parameters()).device
-        losses = [m(x.to(device), y.to(device))[1].item() for x, y in window_batches(data.val, val_offsets,
-                                                                                      cfg.batch_size, T)]
+        losses = [m(x.to(device), y.to(device))[1].item()
+                  for x, y in window_batches(data.val, val_offsets, cfg.batch_size, T)]
         return {"val_loss": float(np.mean(losses))}
 
     if procs.is_main:
         print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "
               f"tokenizer {tokenizer.name}")
         print(f"model: {model.num_parameters():,} parameters, {model_config}")
-    meta = {"model_config": model_config.to_dict(), "tokenizer": tokenizer.to_dict(), "stage": "pretrain"}
-    rows = train(model, get_batch, loss_fn, cfg, evaluate, meta=meta, resume=resume, procs=procs)
-    if procs.is_main and rows:
-        last = [r for r in rows if r.get("val_loss") is not None]
-        if last:
-            print(f"final validation loss {last[-1]['val_loss']:.4f} after {last[-1]['iter'] + 1} iterations, "
-                  f"{last[-1]['elapsed_s']:.1f} s; checkpoints in {cfg.out_dir}")
+    made_from = {"data": source, "tokenizer": pcfg.tokenizer}
+    settings = {"pretrain": dataclasses.asdict(pcfg), "train": dataclasses.asdict(cfg)}
+    info = describe(model, "pretrain", made_from=made_from, settings=settings)
+    rows = train(model, get_batch, loss_fn, cfg, evaluate, meta=dict(info, tokenizer=tokenizer.to_dict()),
+                 resume=state, procs=procs)
+    results = {"params": model.num_parameters(), "out_dir": cfg.out_dir}
+    if procs.is_main:
+        best = load_checkpoint(Path(cfg.out_dir) / "best.pt")
+        model.load_state_dict(best["model"])
+        save_model(cfg.out_dir, model.cpu(), tokenizer, "pretrain", made_from=made_from, settings=settings)
+        last = [r for r in rows if r.get("val_loss") is not None][-1]
+        results.update(val_loss=last["val_loss"], best_val_loss=best["best_val_loss"], iters=last["iter"] + 1,
+                       train_s=last["elapsed_s"])
+        print(f"final validation loss {last['val_loss']:.4f} after {last['iter'] + 1} iterations, "
+              f"{last['elapsed_s']:.1f} s; the best model (validation loss {best['best_val_loss']:.4f}) is in "
+              f"{cfg.out_dir}")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m minigpt.train",
+        description="Pretrain a GPT on text: the built-in corpus by default, or your own files with --data. "
+        "Runs on several processes with torchrun --nproc_per_node=N -m minigpt.train ...",
+        formatter_class=HelpFormatter,
+    )
+    data_and_model = p.add_argument_group("data and model")
+    data_and_model.add_argument("--data", nargs="+", help="text file(s) to train on (default: the built-in corpus)")
+    add_options(data_and_model, PretrainConfig, skip=("data",))
+    add_options(p.add_argument_group("training"), TrainConfig, skip=("save_trainable_only",))
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    results = pretrain(from_args(PretrainConfig, args), from_args(TrainConfig, args), resume=args.resume)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return rows
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

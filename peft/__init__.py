@@ -19,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from minigpt.files import atomic_write
 
 from . import adapter, bitfit, ia3, lora, p_tuning, prefix_tuning, prompt_tuning
 from .adapter import AdapterConfig
@@ -58,6 +58,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "CONFIGS",
+    "can_merge",
     "count_parameters",
     "disable_adapters",
     "get_peft_model",
@@ -110,6 +111,12 @@ def _method_module(model):
     if config is None:
         raise ValueError("the model carries no PEFT method; call peft.get_peft_model first")
     return METHODS[type(config)]
+
+
+def can_merge(model: nn.Module) -> bool:
+    """Whether the model carries a method whose update folds into the base weights (LoRA, IA3)."""
+    config = getattr(model, "peft_config", None)
+    return config is not None and hasattr(METHODS[type(config)], "merge")
 
 
 def merge(model: nn.Module) -> None:
@@ -202,10 +209,7 @@ def save_adapter(model: nn.Module, path) -> None:
     tensors = {n: t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
     base = {k: getattr(model.config, k) for k in _BASE_SHAPE}
     metadata = {"method": config.method, "config": json.dumps(dataclasses.asdict(config)), "base": json.dumps(base)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_adapter_config(path):

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from minigpt.options import option
+
 from .base import AdapterLayer
 
 ACTIVATIONS = {
@@ -50,10 +52,10 @@ class AdapterConfig:
 
     method = "adapter"
 
-    reduction_factor: int = 16
-    non_linearity: str = "gelu"
-    placement: str = "houlsby"
-    init_scale: float = 1e-3
+    reduction_factor: int = option(16, "adapters: the bottleneck is n_embd // reduction_factor wide")
+    non_linearity: str = option("gelu", "adapters: the bottleneck's nonlinearity (gelu, relu, swish, tanh)")
+    placement: str = option("houlsby", "adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP)")
+    init_scale: float = option(1e-3, "adapters: std of W_down's truncated normal initialisation")
 
     def __post_init__(self):
         rf = self.reduction_factor

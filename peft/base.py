@@ -7,6 +7,7 @@ module as ``base`` and adds the method's computation. Setting ``disabled`` makes
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 
@@ -29,6 +30,72 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+
+class MergeableLayer(AdapterLayer):
+    """An AdapterLayer around an nn.Linear whose update folds into the Linear's own weight and bias (LoRA, IA3).
+
+    Subclasses give ``merged_parameters()``: what base.weight and base.bias become (bias None: unchanged).
+    ``merge`` keeps the pre-merge tensors (non-persistent buffers, held only while merged) and ``unmerge`` copies
+    them back, because (W + D) - D is not W in floating point: unmerging is exact, bit for bit.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base)
+        self.register_buffer("weight_before_merge", None, persistent=False)
+        self.register_buffer("bias_before_merge", None, persistent=False)
+
+    def merged_parameters(self):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise ValueError(f"this {type(self).__name__} is already merged")
+        weight, bias = self.merged_parameters()
+        self.weight_before_merge = self.base.weight.detach().clone()
+        self.base.weight.copy_(weight)
+        if bias is not None:
+            self.bias_before_merge = self.base.bias.detach().clone()
+            self.base.bias.copy_(bias)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise ValueError(f"this {type(self).__name__} is not merged")
+        self.base.weight.copy_(self.weight_before_merge)
+        if self.bias_before_merge is not None:
+            self.base.bias.copy_(self.bias_before_merge)
+        self.weight_before_merge = self.bias_before_merge = None
+        self.merged = False
+
+
+def merge_all(model: nn.Module, layer_type: type) -> None:
+    """Merge every layer_type layer of model; refused if any is merged already or adapts a tied weight (the GPT's
+    head shares the token embedding: merging into one would change the other)."""
+    layers = [m for m in model.modules() if isinstance(m, layer_type)]
+    if not layers:
+        raise ValueError(f"the model has no {layer_type.__name__} layers")
+    if any(layer.merged for layer in layers):
+        raise ValueError("the adapter is already merged; call peft.unmerge(model) first")
+    for layer in layers:
+        tied = tied_names(model, layer.base.weight)
+        if len(tied) > 1:
+            raise ValueError(f"cannot merge into a tied weight {tied}: merging would change all of them")
+    for layer in layers:
+        layer.merge()
+
+
+def unmerge_all(model: nn.Module, layer_type: type) -> None:
+    """Put back the pre-merge weights of every layer_type layer (exactly)."""
+    layers = [m for m in model.modules() if isinstance(m, layer_type)]
+    if not layers:
+        raise ValueError(f"the model has no {layer_type.__name__} layers")
+    if not all(layer.merged for layer in layers):
+        raise ValueError("the adapter is not merged; nothing to unmerge")
+    for layer in layers:
+        layer.unmerge()
 
 
 def get_submodule_parent(model: nn.Module, name: str):

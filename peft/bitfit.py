@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minigpt.options import option
+
 from .base import find_modules, name_list
 
 REDUCED_TARGETS = ["attn.query", "mlp.fc"]  # the paper's b_q and b_m2
@@ -44,8 +46,9 @@ class BitFitConfig:
 
     method = "bitfit"
 
-    target_modules: list | None = None
-    include_layernorm: bool = True
+    target_modules: list[str] | None = option(None, "the modules the method adapts, by name or name ending "
+                                              "(BitFit: none trains every bias)")
+    include_layernorm: bool = option(True, "BitFit: train the LayerNorm biases too")
 
     def __post_init__(self):
         if self.target_modules is not None:

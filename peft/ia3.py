@@ -20,12 +20,14 @@ entries of b (l ⊙ y = diag(l) W x + diag(l) b); scaling the input scales the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .base import AdapterLayer, find_modules, name_list, replace_module, tied_names
+from minigpt.options import option
+
+from .base import AdapterLayer, MergeableLayer, find_modules, merge_all, name_list, replace_module, unmerge_all
 
 
 @dataclass
@@ -35,8 +37,10 @@ class IA3Config:
 
     method = "ia3"
 
-    target_modules: list = field(default_factory=lambda: ["attn.key", "attn.value", "mlp.proj"])
-    feedforward_modules: list = field(default_factory=lambda: ["mlp.proj"])
+    target_modules: list[str] = option(help="the modules the method adapts, by name or name ending",
+                                       factory=lambda: ["attn.key", "attn.value", "mlp.proj"])
+    feedforward_modules: list[str] = option(help="IA3: the targets whose input is rescaled (l_ff)",
+                                            factory=lambda: ["mlp.proj"])
 
     def __post_init__(self):
         self.target_modules = name_list("IA3Config.target_modules", self.target_modules)
@@ -46,7 +50,7 @@ class IA3Config:
         self.feedforward_modules = name_list("IA3Config.feedforward_modules", ff) if ff else []
 
 
-class IA3Linear(AdapterLayer):
+class IA3Linear(MergeableLayer):
     """l ⊙ (W x + b) (keys, values) or W (l ⊙ x) + b (the MLP's W_2, l = l_ff) around a frozen nn.Linear ``base``.
 
     The vector is registered under the paper's name (l_k, l_v or l_ff), so it shows up as e.g.
@@ -59,8 +63,6 @@ class IA3Linear(AdapterLayer):
         n = base.in_features if scale_input else base.out_features
         ones = torch.ones(n, device=base.weight.device, dtype=base.weight.dtype)
         self.register_parameter(vector_name, nn.Parameter(ones))  # (in,) or (out,)
-        self.register_buffer("weight_before_merge", None, persistent=False)
-        self.register_buffer("bias_before_merge", None, persistent=False)
 
     @property
     def vector(self) -> nn.Parameter:
@@ -73,30 +75,11 @@ class IA3Linear(AdapterLayer):
             return self.base(x * self.vector)  # (..., in) ⊙ (in,) -> (..., out)
         return self.base(x) * self.vector  # (..., out) ⊙ (out,)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            raise ValueError("this IA3 layer is already merged")
+    def merged_parameters(self):
         W, b, l = self.base.weight, self.base.bias, self.vector  # W: (out, in)
-        self.weight_before_merge = W.detach().clone()
         if self.scale_input:
-            W.mul_(l[None, :])  # W diag(l): column j times l_j; the bias is not affected
-        else:
-            W.mul_(l[:, None])  # diag(l) W: row i times l_i
-            if b is not None:
-                self.bias_before_merge = b.detach().clone()
-                b.mul_(l)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise ValueError("this IA3 layer is not merged")
-        self.base.weight.copy_(self.weight_before_merge)
-        if self.bias_before_merge is not None:
-            self.base.bias.copy_(self.bias_before_merge)
-        self.weight_before_merge = self.bias_before_merge = None
-        self.merged = False
+            return W * l[None, :], None  # W diag(l): column j times l_j; the bias is not affected
+        return W * l[:, None], None if b is None else b * l  # diag(l) W: row i times l_i; the bias too
 
     def extra_repr(self) -> str:
         return f"{self.vector_name}: scales the {'input' if self.scale_input else 'output'}, merged={self.merged}"
@@ -126,30 +109,11 @@ def apply(model: nn.Module, config: IA3Config) -> None:
         replace_module(model, name, IA3Linear(model.get_submodule(name), _vector_name(name, ff), scale_input=ff))
 
 
-def ia3_layers(model: nn.Module) -> list[IA3Linear]:
-    layers = [m for m in model.modules() if isinstance(m, IA3Linear)]
-    if not layers:
-        raise ValueError("the model has no IA3 layers")
-    return layers
-
-
 def merge(model: nn.Module) -> None:
     """Fold l_k, l_v into the rows of W_k, W_v (and their biases) and l_ff into the columns of W_2."""
-    layers = ia3_layers(model)
-    if any(layer.merged for layer in layers):
-        raise ValueError("the IA3 layers are already merged; call peft.unmerge(model) first")
-    for layer in layers:
-        tied = tied_names(model, layer.base.weight)
-        if len(tied) > 1:
-            raise ValueError(f"cannot merge IA3 into a tied weight {tied}: merging would change all of them")
-    for layer in layers:
-        layer.merge()
+    merge_all(model, IA3Linear)
 
 
 def unmerge(model: nn.Module) -> None:
     """Put the pre-merge weights and biases back (exactly)."""
-    layers = ia3_layers(model)
-    if not all(layer.merged for layer in layers):
-        raise ValueError("the IA3 layers are not merged; nothing to unmerge")
-    for layer in layers:
-        layer.unmerge()
+    unmerge_all(model, IA3Linear)

@@ -29,12 +29,14 @@ So ``merge`` keeps the pre-merge weight (a non-persistent buffer the size of W_0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .base import AdapterLayer, find_modules, name_list, replace_module, tied_names
+from minigpt.options import option
+
+from .base import AdapterLayer, MergeableLayer, find_modules, merge_all, name_list, replace_module, unmerge_all
 
 
 @dataclass
@@ -45,11 +47,11 @@ class LoraConfig:
 
     method = "lora"
 
-    r: int = 8
-    alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["query", "value"])
-    use_rslora: bool = False
+    r: int = option(8, "LoRA: the rank r of the update B A")
+    alpha: float = option(16.0, "LoRA: the update's scale alpha (scaling = alpha / r)")
+    lora_dropout: float = option(0.0, "LoRA: dropout on the input of the low-rank branch")
+    target_modules: list[str] = option(help="the modules the method adapts, by name or name ending", factory=lambda: ["query", "value"])
+    use_rslora: bool = option(False, "LoRA: scaling = alpha / sqrt(r) (rank-stabilised)")
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -67,7 +69,7 @@ class LoraConfig:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
-class LoraLinear(AdapterLayer):
+class LoraLinear(MergeableLayer):
     """h = W_0 x + b + scaling * B A dropout(x) around a frozen nn.Linear ``base`` (LoRA eq. 3)."""
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
@@ -83,7 +85,6 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout)
-        self.register_buffer("weight_before_merge", None, persistent=False)  # W_0 while merged
 
     def forward(self, x):
         h = self.base(x)  # W_0 x + b: (..., out)
@@ -96,22 +97,9 @@ class LoraLinear(AdapterLayer):
         """Delta W = scaling * B A: (out, in)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            raise ValueError("this LoRA layer is already merged")
+    def merged_parameters(self):
         W = self.base.weight  # (out, in)
-        self.weight_before_merge = W.detach().clone()
-        W.copy_((W.float() + self.delta_weight().float()).to(W.dtype))  # sum in float32, stored in W's dtype
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise ValueError("this LoRA layer is not merged")
-        self.base.weight.copy_(self.weight_before_merge)  # the saved W_0: exact
-        self.weight_before_merge = None
-        self.merged = False
+        return (W.float() + self.delta_weight().float()).to(W.dtype), None  # summed in float32, stored in W's dtype
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
@@ -132,30 +120,11 @@ def apply(model: nn.Module, config: LoraConfig) -> None:
         replace_module(model, name, layer)
 
 
-def lora_layers(model: nn.Module) -> list[LoraLinear]:
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    if not layers:
-        raise ValueError("the model has no LoRA layers")
-    return layers
-
-
 def merge(model: nn.Module) -> None:
     """W_0 <- W_0 + scaling * B A in every LoRA layer; the forward pass then skips A and B."""
-    layers = lora_layers(model)
-    if any(layer.merged for layer in layers):
-        raise ValueError("the LoRA layers are already merged; call peft.unmerge(model) first")
-    for layer in layers:
-        tied = tied_names(model, layer.base.weight)
-        if len(tied) > 1:
-            raise ValueError(f"cannot merge LoRA into a tied weight {tied}: merging would change all of them")
-    for layer in layers:
-        layer.merge()
+    merge_all(model, LoraLinear)
 
 
 def unmerge(model: nn.Module) -> None:
     """Put the pre-merge weights W_0 back (exactly)."""
-    layers = lora_layers(model)
-    if not all(layer.merged for layer in layers):
-        raise ValueError("the LoRA layers are not merged; nothing to unmerge")
-    for layer in layers:
-        layer.unmerge()
+    unmerge_all(model, LoraLinear)

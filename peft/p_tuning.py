@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minigpt.options import option
+
 from .prompt_tuning import PromptEmbedding, PromptInput, PromptTuningConfig, check_int, check_prompt_fits
 
 ENCODERS = ("lstm", "mlp")
@@ -38,12 +40,13 @@ class PTuningConfig:
     encoder_num_layers, encoder_dropout: of the LSTM. num_tasks: prompts held for mixed-task batches."""
 
     method = "p_tuning"
-    num_virtual_tokens: int = 20
-    encoder_reparameterization_type: str = "lstm"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-    num_tasks: int = 1
+    num_virtual_tokens: int = option(20, "prompt methods: the number n of virtual tokens")
+    encoder_reparameterization_type: str = option("lstm", "p-tuning: the prompt encoder, lstm or mlp")
+    encoder_hidden_size: int | None = option(None, "p-tuning, prefix-tuning: the encoder's hidden width "
+                                             "(none: n_embd)")
+    encoder_num_layers: int = option(2, "p-tuning: LSTM layers")
+    encoder_dropout: float = option(0.0, "p-tuning: dropout between the LSTM layers")
+    num_tasks: int = option(1, "prompt methods: prompts held for mixed-task batches")
 
     def __post_init__(self):
         check_int("PTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)

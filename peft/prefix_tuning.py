@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.options import option
+
 from .base import AdapterLayer
 from .prompt_tuning import check_int, select_tasks
 
@@ -44,11 +46,13 @@ class PrefixTuningConfig:
     width (None: n_embd; the paper used 512 and 800). num_tasks: prefixes held for mixed-task batches."""
 
     method = "prefix_tuning"
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = True
-    prefix_dim: int | None = None
-    encoder_hidden_size: int | None = None
-    num_tasks: int = 1
+    num_virtual_tokens: int = option(20, "prompt methods: the number n of virtual tokens")
+    prefix_projection: bool = option(True, "prefix-tuning: train the prefix through P' and an MLP (p-tuning v2: "
+                                     "off by default)")
+    prefix_dim: int | None = option(None, "prefix-tuning: the width d' of P' (none: n_embd)")
+    encoder_hidden_size: int | None = option(None, "p-tuning, prefix-tuning: the encoder's hidden width "
+                                             "(none: n_embd)")
+    num_tasks: int = option(1, "prompt methods: prompts held for mixed-task batches")
 
     def __post_init__(self):
         name = type(self).__name__
@@ -66,7 +70,7 @@ class PTuningV2Config(PrefixTuningConfig):
     """P-Tuning v2: deep prompts in every layer, trained directly (no reparameterisation) unless asked."""
 
     method = "p_tuning_v2"
-    prefix_projection: bool = False
+    prefix_projection: bool = option(False, "prefix-tuning: train the prefix through P' and an MLP")
 
 
 class PrefixEncoder(nn.Module):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minigpt.options import option
+
 from .base import AdapterLayer
 
 INITS = ("random", "vocab", "text")
@@ -50,10 +52,10 @@ class PromptTuningConfig:
     truncated to n). num_tasks: how many task prompts the model holds, for mixed-task batches."""
 
     method = "prompt_tuning"
-    num_virtual_tokens: int = 20
-    prompt_tuning_init: str = "random"
-    prompt_tuning_init_token_ids: list[int] | None = None
-    num_tasks: int = 1
+    num_virtual_tokens: int = option(20, "prompt methods: the number n of virtual tokens")
+    prompt_tuning_init: str = option("random", "prompt tuning: how the prompt starts (random, vocab, text)")
+    prompt_tuning_init_token_ids: list[int] | None = option(None, "prompt tuning: token ids for init 'text'")
+    num_tasks: int = option(1, "prompt methods: prompts held for mixed-task batches")
 
     def __post_init__(self):
         check_int("PromptTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)

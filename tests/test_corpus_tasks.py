@@ -9,15 +9,14 @@ import pytest
 
 from minigpt import corpus, tasks
 from minigpt.corpus import build_corpus
+from minigpt.files import read_jsonl, write_jsonl
 from minigpt.tasks import (
     check_answer,
     format_prompt,
     ground_truth_score,
     ppo_prompts,
     preference_pairs,
-    read_jsonl,
     sft_examples,
-    write_jsonl,
 )
 
 N_TRAIN, N_TEST = 1000, 200

@@ -14,7 +14,8 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert (out / stage / "stage.json").is_file()
         assert results[stage]["params"] > 0 and results[stage]["wall_s"] >= 0
-    assert {"pretrain/best.pt", "sft/model.pt", "reward/reward.pt", "ppo/policy.pt", "ppo/ppo.png", "report.md"} <= {
+    assert {"pretrain/best.pt", "pretrain/model.json", "sft/model.json", "reward/model.json", "ppo/model.json",
+            "ppo/ppo.png", "report.md"} <= {
         str(p.relative_to(out)) for p in out.rglob("*")}
     rows = [json.loads(line) for line in (out / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"score", "kl", "true_score", "entropy", "clipfrac", "explained_variance"} <= set(rows[0])

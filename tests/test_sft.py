@@ -1,19 +1,21 @@
 """SFT: the answer-only loss mask, padding, batched greedy answers, and a short run of every method."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import peft
-from minigpt import GPT, BPETokenizer, preset, sft, tasks
+from minigpt import GPT, checkpoint, preset, sft, tasks
 from minigpt.corpus import build_corpus
+from minigpt.sft import finetune, method_config
 from minigpt.train import TrainConfig
-from peft.train import finetune, load_finetuned, method_config, save_finetuned
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return BPETokenizer.train(build_corpus(seed=0, n_chars=60_000), vocab_size=320)
+def tok(bpe_tok):
+    return bpe_tok
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,9 @@ def test_a_short_run_of_each_method_lowers_the_held_out_answer_loss(tok, data, b
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128))
     model.load_state_dict(base_state)
-    config = method_config(method, num_virtual_tokens=4, r=4, reduction_factor=4)
+    small = {"num_virtual_tokens": 4, "r": 4, "reduction_factor": 4}  # the options of this method, of these three
+    names = [] if method == "full" else [f.name for f in dataclasses.fields(peft.CONFIGS[method])]
+    config = method_config(method, **{k: v for k, v in small.items() if k in names})
     before = sft.answer_loss(model, sft.encode_dataset(tok, data[1], 120), tok.pad_token_id)
     prompt_side = method in ("prompt_tuning", "p_tuning", "p_tuning_v2")  # prefix-tuning's MLP wants the usual lr
     lr = 3e-3 if method == "full" else 0.3 if prompt_side else 3e-2  # virtual tokens need large steps
@@ -114,25 +118,37 @@ def test_a_short_run_of_each_method_lowers_the_held_out_answer_loss(tok, data, b
     result = finetune(model, tok, data[0], data[1], config, cfg, eval_examples=40)
     # a 2-layer, 32-dim model moves slowly through a 4-token prompt (Lester et al.: prompt tuning needs scale)
     assert result["answer_loss"] < before - (0.05 if prompt_side else 0.2), (method, before, result["answer_loss"])
-    saved = save_finetuned(model, tok, tmp_path / "ft", tmp_path / "base.pt")
-    assert saved.name == ("model.pt" if method == "full" else "adapter.safetensors")
+    checkpoint.save_model(tmp_path / "base", GPT(model.config), tok, "pretrain")
+    saved = checkpoint.save_model(tmp_path / "ft", model, tok, "sft", base=tmp_path / "base")
+    written = "model.safetensors" if method == "full" else "adapter.safetensors"
+    assert (saved / written).is_file() and {p.name for p in saved.iterdir()} == {written, "model.json",
+                                                                                 "tokenizer.json"}
 
 
 def test_save_and_load_finetuned_peft_model(tok, data, tmp_path):
-    from minigpt.train import save_checkpoint
-
     torch.manual_seed(0)
     base = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128))
-    save_checkpoint(tmp_path / "base.pt", {"model": base.state_dict(), "model_config": base.config.to_dict(),
-                                           "tokenizer": tok.to_dict()})
+    checkpoint.save_model(tmp_path / "base", base, tok, "pretrain")
     peft.get_peft_model(base, peft.LoraConfig(r=2))
     with torch.no_grad():
         for n, p in base.named_parameters():
             if p.requires_grad:
                 p.normal_()
-    save_finetuned(base, tok, tmp_path / "ft", tmp_path / "base.pt")
-    loaded, tok2 = load_finetuned(tmp_path / "ft")
+    checkpoint.save_model(tmp_path / "ft", base, tok, "sft", template=tasks.TEMPLATE, base=tmp_path / "base")
+    loaded = checkpoint.load(tmp_path / "ft")
     x = torch.randint(0, tok.vocab_size, (2, 10))
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(x)[0], base.eval()(x)[0])
-    assert tok2.ranks == tok.ranks
+        assert torch.equal(loaded.model.eval()(x)[0], base.eval()(x)[0])
+    assert loaded.tokenizer.ranks == tok.ranks and loaded.info["template"] == tasks.TEMPLATE
+    assert loaded.model.peft_config == base.peft_config
+
+
+def test_method_config_refuses_options_of_another_method():
+    assert method_config("lora", r=4, alpha=8.0) == peft.LoraConfig(r=4, alpha=8.0)
+    assert method_config("lora", r=None) == peft.LoraConfig()  # None: the method's default
+    with pytest.raises(ValueError, match=r"lora has no option 'num_virtual_tokens'; its options are \['r', 'alpha'"):
+        method_config("lora", num_virtual_tokens=4)
+    with pytest.raises(ValueError, match="method 'full' trains all weights"):
+        method_config("full", r=4)
+    with pytest.raises(ValueError, match="unknown method 'loraa'"):
+        method_config("loraa")

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import minigpt.train as train_mod
-from minigpt import GPT, preset
+from minigpt import GPT, checkpoint, preset
+from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.data import fixed_windows, prepare, random_batch
-from minigpt.train import TrainConfig, load_checkpoint, lr_at, param_groups, save_checkpoint, train
+from minigpt.train import TrainConfig, lr_at, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "".join(f"{a} plus {b} makes {a + b}. The cat sat on mat number {a}.\n" for a in range(40) for b in range(8))
@@ -188,17 +189,24 @@ def test_batches_are_shifted_windows_and_validation_windows_are_fixed():
 def test_cli_run_lowers_validation_loss_and_writes_its_outputs(tmp_path):
     (tmp_path / "text.txt").write_text(TEXT)
     out = tmp_path / "run"
-    rows = train_mod.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny",
-                           "--max-iters", "60", "--eval-interval", "30", "--eval-iters", "4", "--batch-size", "8",
-                           "--lr", "3e-3", "--warmup-iters", "5", "--out-dir", str(out), "--no-progress"])
+    train_mod.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny",
+                    "--max-iters", "60", "--eval-interval", "30", "--eval-iters", "4", "--batch-size", "8",
+                    "--lr", "3e-3", "--warmup-iters", "5", "--out-dir", str(out), "--no-progress"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
     assert vals[-1] < vals[0] - 0.5
-    assert {"ckpt.pt", "best.pt", "loss.png", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    assert {"ckpt.pt", "best.pt", "loss.png", "metrics.jsonl", "model.json", "model.safetensors",
+            "tokenizer.json"} <= {p.name for p in out.iterdir()}
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["tokenizer"]["type"] == "char" and ckpt["model_config"]["n_layer"] == 2
+    # the run folder opens as its best model, the same weights as best.pt
+    loaded = checkpoint.load(out)
+    assert loaded.info["stage"] == "pretrain" and loaded.tokenizer.to_dict() == ckpt["tokenizer"]
+    for name, t in ckpt["model"].items():
+        assert torch.equal(loaded.model.state_dict()[name], t), name
     from minigpt.sample import sample
 
-    texts = sample(out / "best.pt", prompt="3 plus", num_samples=2, max_new_tokens=10)
+    texts = sample(loaded.model, loaded.tokenizer, prompt="3 plus", num_samples=2, max_new_tokens=10)
     assert len(texts) == 2 and all(t.startswith("3 plus") for t in texts)
 
 

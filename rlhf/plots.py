@@ -1,0 +1,73 @@
+"""The pictures of the RL stages: reward histograms, and every logged metric of a PPO, GRPO or DPO run."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reward_histogram(r_chosen, r_rejected, path, title: str = "Rewards of held-out pairs") -> None:
+    """Overlaid histograms of the rewards of the chosen and the rejected responses."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    both = torch.cat([r_chosen, r_rejected])
+    bins = torch.linspace(both.min().item(), both.max().item() + 1e-6, 41).tolist()
+    ax.hist(r_chosen.tolist(), bins=bins, alpha=0.6, label=f"chosen (mean {r_chosen.mean():.2f})")
+    ax.hist(r_rejected.tolist(), bins=bins, alpha=0.6, label=f"rejected (mean {r_rejected.mean():.2f})")
+    ax.set_xlabel("reward r(x, y)")
+    ax.set_ylabel("number of responses")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+PPO_PANELS = [  # (title, [(metric, label)], y label): everything train_ppo logs, one panel each
+    ("scores", [("score", "reward score"), ("true_score", "ground-truth score")], "mean over the batch"),
+    ("KL to the reference", [("kl", "KL(pi || pi_ref) per response"), ("beta", "beta")], "nats"),
+    ("total reward", [("total_reward", "score - beta * KL")], "per response"),
+    ("entropy", [("entropy", "policy entropy")], "nats per token"),
+    ("approx KL (old -> new)", [("approx_kl", "approx KL")], "nats per token"),
+    ("clip fraction", [("clipfrac", "policy ratio clipped"), ("vf_clipfrac", "value clipped")], "share of tokens"),
+    ("value loss", [("value_loss", "clipped value loss")], "loss"),
+    ("explained variance", [("explained_variance", "1 - Var(returns - V) / Var(returns)")], ""),
+    ("response length", [("response_len", "tokens"), ("truncated", "share cut off (x 10)")], "tokens"),
+]
+
+
+def plot_metrics(rows: list[dict], path, panels, title: str, xlabel: str = "step") -> None:
+    """One panel per entry of panels, each metric of it against rows' "step" (a metric not logged is left out)."""
+    plt = _pyplot()
+    steps = [r["step"] for r in rows]
+    cols = 3
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(13, 3 * ((len(panels) + 2) // 3)))
+    for ax, (name, metrics, ylabel) in zip(axes.flat, panels):
+        for key, label in metrics:
+            if rows and key in rows[0]:
+                scale = 10 if "x 10" in label else 1
+                ax.plot(steps, [scale * r[key] for r in rows], label=label)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ppo(rows: list[dict], path, title: str = "PPO") -> None:
+    """Every metric train_ppo logs, over PPO steps."""
+    plot_metrics(rows, path, PPO_PANELS, title, "PPO step")

@@ -1,0 +1,109 @@
+"""What PPO, GRPO and DPO share: the policy they train, the reference it is held to, log-probabilities of responses,
+and the saved result.
+
+The reference is the SFT model as it was when RL began, whatever the SFT stage trained:
+- a full SFT model, trained on all weights: the reference is a frozen copy of it;
+- an SFT model that is a base plus an adapter (LoRA, prompt tuning, ...), trained further through that adapter:
+  the reference is a frozen copy of the base with the adapter as the SFT stage left it (disabling the adapter would
+  give the pretrained base, not the SFT model);
+- with ``peft`` set, a fresh adapter of that method on top of the SFT model (an SFT adapter is merged in first): the
+  reference is the same network with its adapters disabled, so no second copy sits in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+
+import peft
+from minigpt import checkpoint
+from minigpt.model import disable_dropout
+from minigpt.options import option
+
+
+@dataclass
+class RLRun:
+    """Where an RL stage starts from and writes to (the algorithm's settings are PPOConfig, GRPOConfig, ...)."""
+
+    sft: str = option("out/sft/full", "the policy to start from, and the reference it is held to: an SFT output "
+                      "(full or PEFT) or any language model")
+    reward: str | None = option("out/reward", "the reward model (rlhf.reward_model's output); used when the reward "
+                                "includes it")
+    prompts: str | None = option(None, "prompts to train on: a text file (one instruction a line) or JSONL with "
+                                 "instruction (and input, output) or prompt fields; default: the built-in PPO prompts")
+    peft: str = option("none", "train a fresh adapter of this PEFT method on top of the SFT model (the reference is "
+                       "then the network with its adapters disabled); none: train what the SFT stage trained",
+                       choices=["none", *sorted(peft.CONFIGS)])
+    out_dir: str = option("out/ppo", "where the policy, metrics and plots go")
+    eval_prompts: int = option(0, "held-out built-in prompts to evaluate the policy on before and after (0: none)")
+    eval_samples: int = option(4, "samples per held-out prompt, for sampled accuracy and pass@k")
+    progress: bool = option(True, "show a progress bar")
+
+
+@dataclass
+class Policy:
+    model: object  # the GPT being trained (dropout off)
+    reference: object | None  # a frozen copy of the SFT model, or None: the model with its adapters disabled
+    tokenizer: object
+    info: dict  # the SFT model's description (model.json)
+    base: str | None  # for saving: the base an adapter-only policy goes on (None: save every weight)
+
+
+def make_reference(model):
+    """A frozen copy of the model, in evaluation mode, dropout off."""
+    ref = copy.deepcopy(model).eval()
+    disable_dropout(ref)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def open_policy(path, peft_config=None) -> Policy:
+    """The policy and its reference from an SFT output (see the module docstring)."""
+    loaded = checkpoint.load(path, expect="gpt")
+    model = loaded.model
+    disable_dropout(model)
+    carried = getattr(model, "peft_config", None)
+    if peft_config is None:
+        base = loaded.info["base"]["path"] if carried is not None and loaded.info.get("base") else None
+        return Policy(model, make_reference(model), loaded.tokenizer, loaded.info, base)
+    if carried is not None:
+        if not peft.can_merge(model):
+            raise ValueError(f"{path} carries a {carried.method!r} adapter that cannot be merged, so a "
+                             f"{peft_config.method!r} adapter cannot go on top; train the SFT adapter (peft none)")
+        peft.merge_and_unload(model)
+    peft.get_peft_model(model, peft_config)
+    disable_dropout(model)
+    return Policy(model, None, loaded.tokenizer, loaded.info, None)
+
+
+@contextlib.contextmanager
+def reference_of(policy_model, reference=None):
+    """The reference model: reference if given, else the policy with its PEFT adapters disabled."""
+    if reference is not None:
+        yield reference
+        return
+    with peft.disable_adapters(policy_model):
+        yield policy_model
+
+
+def response_logprobs(logits, tokens, prompt_len: int, temperature: float = 1.0):
+    """log pi(a_t | s_t) of each response token: the token at position P + t is predicted by the logits at position
+    P + t - 1, divided by the sampling temperature. logits (B, P + R, V), tokens (B, P + R) -> (B, R)."""
+    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # (B, R, V): positions P - 1 ... P + R - 2
+    actions = tokens[:, prompt_len:]  # (B, R)
+    return torch.log_softmax(logits, dim=-1).gather(-1, actions[..., None]).squeeze(-1)
+
+
+def save_policy(folder, pol: Policy, stage: str, made_from=None, settings=None):
+    """The trained policy as a model folder that every command opens: an adapter on its base when the policy
+    trained an SFT adapter, otherwise every weight (a fresh LoRA or IA3 adapter folded in)."""
+    model = pol.model
+    if pol.base is None and peft.can_merge(model):
+        model = copy.deepcopy(model)
+        peft.merge_and_unload(model)
+    return checkpoint.save_model(folder, model, pol.tokenizer, stage, pol.info.get("template"), made_from, settings,
+                                 base=pol.base)

@@ -1,0 +1,97 @@
+"""The generation engine: batched completions against one-by-one decoding with full forward passes, the response
+mask, log-probabilities under the sampling distribution, streaming, the context edge, and settings refused by name."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_gpt
+
+import peft
+from minigpt import engine
+
+EOS, PAD = 30, 31
+
+
+def greedy_by_hand(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with a full forward pass over the whole sequence at every step (no cache, no padding)."""
+    seq = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([seq]))[0][0, -1].argmax())
+            out.append(nxt)
+            seq.append(nxt)
+            if nxt == EOS:
+                break
+    return out
+
+
+def test_a_batch_of_prompts_completes_as_each_prompt_alone():
+    model = tiny_gpt(32).eval()
+    prompts = [[1, 2, 3, 4, 5], [7], [9, 9, 2]]
+    out = engine.complete(model, prompts, 6, EOS, PAD)
+    assert out.prompt_len == 5 and out.tokens.shape == (3, 5 + out.response_mask.size(1))
+    for b, p in enumerate(prompts):
+        assert out.responses()[b] == [t for t in greedy_by_hand(model, p, 6) if t != EOS]
+        assert out.attention_mask[b, :5].tolist() == [0] * (5 - len(p)) + [1] * len(p)  # left padding
+
+
+def test_the_response_mask_stops_after_the_first_eos_and_responses_cut_before_it():
+    response = torch.tensor([[4, EOS, 6, EOS], [4, 5, 6, 7], [EOS, PAD, PAD, PAD]])
+    assert engine.response_mask_of(response, EOS).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    gen = engine.Generation(torch.cat([torch.ones(3, 2, dtype=torch.long), response], 1), torch.ones(3, 6), 2,
+                            engine.response_mask_of(response, EOS), EOS)
+    assert gen.responses() == [[4], [4, 5, 6, 7], []]
+    assert gen.has_eos.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.7, None), (1.3, 5), (0.0, None)])
+def test_logprobs_are_those_of_the_sampling_distribution(temperature, top_k):
+    model = tiny_gpt(32).eval()
+    prompts = [[1, 2, 3], [4, 5]]
+    out = engine.complete(model, prompts, 5, EOS, PAD, temperature=temperature, top_k=top_k, seed=0, logprobs=True)
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            resp = out.responses()[b] + ([EOS] if out.has_eos[b] else [])
+            seq = torch.tensor([p + resp])
+            logits = model(seq)[0][0, len(p) - 1 : -1]  # (R, V): the position before each response token
+            scaled = logits / (temperature or 1.0)
+            if top_k:
+                kth = scaled.topk(top_k, -1).values[:, -1:]
+                scaled = scaled.masked_fill(scaled < kth, -math.inf)
+            expected = torch.log_softmax(scaled, -1).gather(-1, torch.tensor(resp)[:, None]).squeeze(-1)
+            torch.testing.assert_close(out.logprobs[b, : len(resp)], expected, atol=1e-5, rtol=0)
+            assert (out.logprobs[b, len(resp):] == 0).all()
+
+
+def test_stream_yields_the_tokens_generate_returns():
+    model = tiny_gpt(32)
+    idx = torch.tensor([[1, 2, 3]])
+    streamed = [int(t) for t in engine.stream(model, idx, 8, temperature=0.9, generator=torch.Generator().manual_seed(3))]
+    whole = engine.generate(model, idx, 8, temperature=0.9, generator=torch.Generator().manual_seed(3))
+    assert whole[0, 3:].tolist() == streamed and model.training  # the mode is given back
+
+
+def test_sampling_settings_are_refused_by_name():
+    model = tiny_gpt(32)
+    idx = torch.tensor([[1]])
+    for kwargs, match in [({"temperature": float("nan")}, "temperature must be a finite number"),
+                          ({"temperature": -1.0}, "temperature must be"), ({"top_k": 0}, "top_k must be"),
+                          ({"top_p": 1.5}, "top_p must be in")]:
+        with pytest.raises(ValueError, match=match):
+            engine.generate(model, idx, 2, **kwargs)
+    with pytest.raises(ValueError, match="a prompt of 60 tokens plus max_new_tokens=10 exceeds the model's context of 64"):
+        engine.complete(model, [[1] * 60], 10, EOS, PAD)
+    out = engine.complete(model, [[1] * 60], 10, EOS, PAD, truncate_prompts=True)
+    assert out.prompt_len == 54
+
+
+def test_a_prompt_method_at_the_context_edge_generates_with_the_cache():
+    """Block 32, 4 virtual tokens: a 28-token input fits exactly; 30 tokens keep the last 28 (the window)."""
+    model = peft.get_peft_model(tiny_gpt(32, block_size=32), peft.PromptTuningConfig(num_virtual_tokens=4))
+    for n in (28, 30, 33):
+        idx = torch.arange(n)[None] % 29
+        cached = engine.generate(model, idx, 3, temperature=0)
+        uncached = engine.generate(model, idx, 3, temperature=0, use_cache=False)
+        assert torch.equal(cached, uncached), n
