@@ -20,23 +20,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from minigpt import tasks
-from rlhf.ppo import PPOConfig, make_reference, plot_ppo, response_logprobs, reward_model_fn, save_policy, train_ppo
+from minigpt.files import read_text, write_json, write_jsonl, write_text
+from minigpt.options import HelpFormatter, run
+from minigpt.sft import DEFAULT_LR, SFTConfig, method_config, run_sft
+from minigpt.train import PretrainConfig, TrainConfig, pretrain
+from rlhf.evaluate import fmt
+from rlhf.policy import RLRun
+from rlhf.ppo import PPOConfig, run_ppo
+from rlhf.prompts import builtin_prompts
+from rlhf.reward_model import RewardConfig, run_reward
 
 
 @dataclass
 class Sizes:
-    """How much work each stage does; FAST shrinks everything for a smoke run. The defaults fit the four stages in
-    about 8.5 minutes on 2 uncontended CPU cores (measured: pretraining 188 s, SFT 121 s, reward model 121 s, PPO 73 s),
-    so that `make demo`, venv included, stays under 10 minutes. Fewer SFT iterations cost accuracy fast: 700
-    pretraining and 500 SFT iterations left the SFT model at 15% instead of 35%."""
+    """How much work each stage does; FAST shrinks everything for a smoke run. The defaults are sized so that
+    `make demo`, venv included, stays within 10 minutes on 2 CPU cores (the README has the measured stage times);
+    fewer SFT iterations cost accuracy fast."""
 
     corpus_chars: int = 1_500_000
     pretrain_iters: int = 800
@@ -49,12 +53,13 @@ class Sizes:
     ppo_steps: int = 30
     ppo_batch: int = 64
     eval_prompts: int = 200
+    eval_samples: int = 4  # samples per held-out prompt: sampled accuracy, pass@4
     ppo_vf_lr: float = 1e-3  # the fresh value head learns at its own, higher rate
-    ppo_lr: float = 2e-5  # 5e-5 and above made the KL run away (to ~9 nats) with the 4-layer model
+    ppo_lr: float = 2e-5  # larger rates let the KL run away with the 4-layer model
 
 
 FAST = Sizes(corpus_chars=200_000, pretrain_iters=60, n_layer=2, n_embd=64, sft_iters=30, reward_pairs=2000,
-             reward_iters=20, ppo_steps=3, ppo_batch=16, eval_prompts=24)
+             reward_iters=20, ppo_steps=3, ppo_batch=16, eval_prompts=24, eval_samples=2)
 
 
 def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
@@ -62,15 +67,12 @@ def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
     marker = out_dir / name / "stage.json"
     if marker.is_file() and not force:
         print(f"== {name}: done earlier, skipping (stage.json found; --force to redo)")
-        return json.loads(marker.read_text())
+        return json.loads(read_text(marker))
     print(f"== {name}")
     t0 = time.perf_counter()
     results = fn()
     results["wall_s"] = round(time.perf_counter() - t0, 1)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, marker)
+    write_json(marker, results)
     return results
 
 
@@ -78,35 +80,26 @@ def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
 
 
 def stage_pretrain(out: Path, s: Sizes, progress: bool) -> dict:
-    from minigpt.train import main as pretrain
-
-    args = ["--out-dir", str(out / "pretrain"), "--preset", "baby", "--n-layer", str(s.n_layer), "--n-head", "4",
-            "--n-embd", str(s.n_embd), "--block-size", "128", "--batch-size", "32", "--max-iters",
-            str(s.pretrain_iters), "--lr", "2e-3", "--min-lr", "2e-4", "--warmup-iters", "50", "--eval-interval",
-            str(max(s.pretrain_iters // 4, 1)), "--eval-iters", "10", "--corpus-chars", str(s.corpus_chars)]
-    rows = pretrain(args + ([] if progress else ["--no-progress"]))
-    from minigpt import GPT, GPTConfig
-    from minigpt.train import load_checkpoint
-
-    config = GPTConfig.from_dict(load_checkpoint(out / "pretrain" / "best.pt")["model_config"])
-    n_params = GPT(config).num_parameters()  # the tied head counted once
-    val = [r for r in rows if r.get("val_loss") is not None]
+    pcfg = PretrainConfig(preset="baby", n_layer=s.n_layer, n_head=4, n_embd=s.n_embd, block_size=128,
+                          corpus_chars=s.corpus_chars)
+    cfg = TrainConfig(out_dir=str(out / "pretrain"), batch_size=32, max_iters=s.pretrain_iters, lr=2e-3, min_lr=2e-4,
+                      warmup_iters=50, eval_interval=max(s.pretrain_iters // 4, 1), eval_iters=10, progress=progress)
+    r = pretrain(pcfg, cfg)
     return {"data": f"built-in corpus, {s.corpus_chars:,} characters", "algorithm": "next-token prediction",
-            "model": f"GPT {s.n_layer} layers x {s.n_embd} dims", "params": n_params,
-            "val_loss": val[-1]["val_loss"], "iters": s.pretrain_iters}
+            "model": f"GPT {s.n_layer} layers x {s.n_embd} dims", "params": r["params"], "val_loss": r["val_loss"],
+            "iters": s.pretrain_iters}
 
 
 def stage_sft(out: Path, s: Sizes, progress: bool, method: str) -> dict:
-    from peft.train import main as finetune
-
     train, test = tasks.sft_examples(remark_share=s.remark_share)
-    tasks.write_jsonl(out / "data" / "sft_train.jsonl", train)
-    tasks.write_jsonl(out / "data" / "sft_test.jsonl", test)
-    args = ["--method", method, "--base", str(out / "pretrain" / "best.pt"), "--out-dir", str(out / "sft"),
-            "--train-file", str(out / "data" / "sft_train.jsonl"), "--test-file", str(out / "data" / "sft_test.jsonl"),
-            "--max-iters", str(s.sft_iters), "--eval-interval", str(s.sft_iters),
-            "--eval-examples", str(min(200, s.eval_prompts))]
-    r = finetune(args + ([] if progress else ["--no-progress"]))
+    write_jsonl(out / "data" / "sft_train.jsonl", train)
+    write_jsonl(out / "data" / "sft_test.jsonl", test)
+    scfg = SFTConfig(method=method, base=str(out / "pretrain"), train_file=str(out / "data" / "sft_train.jsonl"),
+                     test_file=str(out / "data" / "sft_test.jsonl"), eval_examples=min(200, s.eval_prompts))
+    lr = DEFAULT_LR[method]
+    cfg = TrainConfig(out_dir=str(out / "sft"), max_iters=s.sft_iters, batch_size=32, lr=lr, min_lr=lr / 10,
+                      warmup_iters=30, weight_decay=0.0, eval_interval=s.sft_iters, eval_iters=1, progress=progress)
+    r = run_sft(scfg, cfg, method_config(method))
     remarks = sum(ex.get("remark", False) for ex in train)
     return {"data": f"{len(train):,} instructions with answers ({remarks:,} with a remark after the answer)",
             "algorithm": f"language modelling on answer tokens ({method})", "model": "SFT model",
@@ -115,91 +108,31 @@ def stage_sft(out: Path, s: Sizes, progress: bool, method: str) -> dict:
 
 
 def stage_reward(out: Path, s: Sizes, progress: bool) -> dict:
-    from rlhf.reward_model import main as train_rm
-
-    args = ["--sft", str(out / "sft"), "--out-dir", str(out / "reward"), "--n-pairs", str(s.reward_pairs),
-            "--max-iters", str(s.reward_iters), "--eval-interval", str(max(s.reward_iters // 3, 1)),
-            "--n-normalize", str(min(100, s.eval_prompts))]
-    r = train_rm(args + ([] if progress else ["--no-progress"]))
+    rcfg = RewardConfig(sft=str(out / "sft"), n_pairs=s.reward_pairs, n_normalize=min(100, s.eval_prompts))
+    cfg = TrainConfig(out_dir=str(out / "reward"), max_iters=s.reward_iters, batch_size=32, lr=1e-3, min_lr=1e-4,
+                      warmup_iters=20, weight_decay=0.0, eval_interval=max(s.reward_iters // 3, 1), eval_iters=1,
+                      progress=progress)
+    r = run_reward(rcfg, cfg)
     return {"data": f"{s.reward_pairs:,} preference pairs", "algorithm": "Bradley-Terry loss",
             "model": "reward model (SFT backbone + scalar head)", "params": r["total_params"],
             "accuracy": r["accuracy"], "accuracy_by_kind": r["accuracy_by_kind"],
             "probe_accuracy": r.get("probe_accuracy", {})}
 
 
-def load_models(out: Path):
-    from peft.train import load_finetuned
-    from rlhf.reward_model import load_reward_model
-
-    policy, tokenizer = load_finetuned(out / "sft")
-    rm, _ = load_reward_model(out / "reward" / "reward.pt")
-    rm.eval()
-    for p in rm.parameters():
-        p.requires_grad_(False)
-    return policy, rm, tokenizer
-
-
-def true_score_metric(examples_by_prompt: dict, tokenizer):
-    """extra_metrics for train_ppo: the ground-truth score of the sampled responses (never seen by PPO)."""
-
-    def metric(ro):
-        scores = []
-        for row, m in zip(ro.tokens.tolist(), ro.response_mask.tolist()):
-            prompt = tokenizer.decode([t for t in row[: ro.prompt_len] if t != tokenizer.pad_token_id])
-            response = [t for t, keep in zip(row[ro.prompt_len :], m) if keep and t != tokenizer.eos_token_id]
-            scores.append(tasks.ground_truth_score(examples_by_prompt[prompt], tokenizer.decode(response)))
-        return {"true_score": sum(scores) / len(scores)}
-
-    return metric
-
-
-@torch.no_grad()
-def evaluate_policy(policy, ref, rm, tokenizer, examples, max_new_tokens: int = 24, seed: int = 0) -> dict:
-    """On held-out prompts: greedy accuracy; for sampled responses (temperature 1, as PPO samples) the ground-truth
-    score, the reward-model score and KL(policy || reference) summed over the response. The scores and the KL are
-    computed on the token ids the policy sampled, not on their text encoded again (which need not give them back)."""
-    from rlhf.reward_model import sft_responses
-
-    policy.eval()
-    prompts = [ex["prompt"] for ex in examples]
-    greedy = [tokenizer.decode(r) for r in sft_responses(policy, tokenizer, prompts, max_new_tokens)]
-    sampled = sft_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=seed)
-    rm_scores, kls = [], []
-    for prompt, response in zip(prompts, sampled):
-        prompt_ids = tokenizer.encode(prompt)
-        ids = torch.tensor([prompt_ids + response + [tokenizer.eos_token_id]])  # (1, P + R + 1)
-        rm_scores.append(rm(ids).item())
-        logp = response_logprobs(policy(ids)[0], ids, len(prompt_ids))
-        ref_logp = response_logprobs(ref(ids)[0], ids, len(prompt_ids))
-        kls.append((logp - ref_logp).sum().item())
-    n = len(examples)
-    return {"greedy_accuracy": sum(tasks.check_answer(ex, a) for ex, a in zip(examples, greedy)) / n,
-            "true_score": sum(tasks.ground_truth_score(ex, tokenizer.decode(r))
-                              for ex, r in zip(examples, sampled)) / n,
-            "rm_score": sum(rm_scores) / n, "kl": sum(kls) / n, "greedy_answers": greedy}
-
-
-def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str) -> dict:
-    policy, rm, tokenizer = load_models(out)
-    ref = make_reference(policy)
-    train_examples, test_examples = tasks.ppo_prompts(n_test=s.eval_prompts)
-    by_prompt = {ex["prompt"]: ex for ex in train_examples}
-    prompts = [tokenizer.encode(ex["prompt"]) for ex in train_examples]
+def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str, reward: str) -> dict:
+    run = RLRun(sft=str(out / "sft"), reward=str(out / "reward"), out_dir=str(out / name),
+                eval_prompts=s.eval_prompts, eval_samples=s.eval_samples, progress=progress)
     cfg = PPOConfig(steps=s.ppo_steps, batch_size=s.ppo_batch, minibatch_size=min(16, s.ppo_batch), beta=beta,
                     lr=s.ppo_lr, vf_lr=s.ppo_vf_lr)
-    before = evaluate_policy(policy, ref, rm, tokenizer, test_examples)
-    actor, rows = train_ppo(policy, tokenizer, prompts, reward_model_fn(rm, tokenizer.eos_token_id), cfg,
-                            ref_model=ref, out_dir=out / name, extra_metrics=true_score_metric(by_prompt, tokenizer),
-                            progress=progress)
-    after = evaluate_policy(policy, ref, rm, tokenizer, test_examples)
-    plot_ppo(rows, out / name / "ppo.png", title=f"PPO (beta = {beta:g})")
-    save_policy(out / name / "policy.pt", policy, tokenizer, cfg)
+    r = run_ppo(run, cfg, reward=reward)
+    test = builtin_prompts(n_test=s.eval_prompts)[1]
+    before, after = r["before"], r["after"]
     samples = [{"prompt": ex["prompt"], "reference": ex["output"], "sft": b, "rl": a}
-               for ex, b, a in list(zip(test_examples, before.pop("greedy_answers"), after.pop("greedy_answers")))[:6]]
-    return {"data": f"{len(prompts):,} prompts, {s.ppo_steps * s.ppo_batch:,} sampled responses",
-            "algorithm": f"PPO, KL penalty beta = {beta:g}", "model": "RL model (policy + value head)",
-            "params": sum(p.numel() for p in actor.parameters()), "before": before, "after": after,
-            "samples": samples, "first_row": rows[0], "last_row": rows[-1]}
+               for ex, b, a in list(zip(test, before.pop("greedy_answers"), after.pop("greedy_answers")))[:6]]
+    return {"data": f"{len(builtin_prompts()[0]):,} prompts, {s.ppo_steps * s.ppo_batch:,} sampled responses",
+            "algorithm": f"PPO ({reward}), KL penalty beta = {beta:g}", "model": "RL model (policy + value head)",
+            "params": r["params"], "before": before, "after": after, "samples": samples,
+            "first_row": r["first_row"], "last_row": r["last_row"]}
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -219,16 +152,18 @@ def report(out: Path, results: dict) -> str:
               + "); on the probes left out of the preference set: "
               + ", ".join(f"{k} {v:.0%}" for k, v in results["reward"].get("probe_accuracy", {}).items())
               + " (near_miss needs the task solved, list_edit a word-by-word copy check).", "",
-              "## SFT model vs RL model on held-out prompts", "",
-              "| model | ground-truth score (sampled) | greedy accuracy | reward-model score | KL to SFT (nats) |",
-              "|---|---:|---:|---:|---:|"]
+              f"## SFT model vs RL model on {results['ppo']['before']['n_prompts']} held-out prompts", "",
+              f"Each cell is a mean over the prompts ± its standard error; sampled columns use "
+              f"{results['ppo']['before']['k']} samples per prompt at temperature 1, as PPO samples.", "",
+              "| model | greedy accuracy | sampled accuracy | pass@k | ground-truth score | remarks after the answer | "
+              "KL to SFT (nats) | reward-model score |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     runs = [("ppo", "RL (PPO)")] + ([("ppo_beta0", "RL, beta = 0")] if "ppo_beta0" in results else [])
-    b = results["ppo"]["before"]
-    lines.append(f"| SFT | {b['true_score']:.3f} | {b['greedy_accuracy']:.1%} | {b['rm_score']:.3f} | {b['kl']:.2f} |")
-    for key, label in runs:
-        a = results[key]["after"]
-        lines.append(f"| {label} | {a['true_score']:.3f} | {a['greedy_accuracy']:.1%} | {a['rm_score']:.3f} | "
-                     f"{a['kl']:.2f} |")
+    rows = [("SFT", results["ppo"]["before"])] + [(label, results[key]["after"]) for key, label in runs]
+    for label, e in rows:
+        cells = [fmt(e[m], percent=True) for m in ("greedy_accuracy", "sampled_accuracy", "pass_at_k")]
+        cells += [fmt(e["true_score"]), fmt(e["remarks"], percent=True), fmt(e["kl"], 2),
+                  fmt(e["rm_score"]) if "rm_score" in e else "-"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Sample responses (greedy):", "", "| prompt | reference | SFT | RL |", "|---|---|---|---|"]
     for smp in results["ppo"]["samples"]:
         prompt = smp["prompt"].replace("\n", " ").replace("### ", "").replace("|", "/")
@@ -238,21 +173,20 @@ def report(out: Path, results: dict) -> str:
     if "ppo_beta0" in results:
         lines += ["", "![PPO with beta = 0](ppo_beta0/ppo.png)"]
     text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     return text
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m rlhf.pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m rlhf.pipeline", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out-dir", default="out/pipeline")
     p.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run in about a minute")
     p.add_argument("--force", action="store_true", help="redo stages that are already done")
     p.add_argument("--sft-method", default="full", help="full or a PEFT method (see python -m peft.train --help)")
-    # a small beta lets the policy drift on the list tasks, whose one-word errors the reward model cannot see (beta
-    # 0.05, with an SFT model trained on 30% remarks: KL 2.6 nats, greedy accuracy 41% -> 29.5%); 0.5 holds the KL
-    # under 1 nat
+    # a small beta lets the policy drift on the list tasks, whose one-word errors the reward model cannot see
     p.add_argument("--beta", type=float, default=0.5, help="KL coefficient of the PPO stage (default 0.5)")
+    p.add_argument("--reward-fn", default="reward_model", choices=["reward_model", "checker", "both"],
+                   help="what PPO maximises: the reward model, the world's checker (a verifiable reward), or both")
     p.add_argument("--reward-hacking", action="store_true", help="also run PPO with beta = 0")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -268,15 +202,16 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
         "pretrain": run_stage(out, "pretrain", lambda: stage_pretrain(out, s, progress), args.force),
         "sft": run_stage(out, "sft", lambda: stage_sft(out, s, progress, args.sft_method), args.force),
         "reward": run_stage(out, "reward", lambda: stage_reward(out, s, progress), args.force),
-        "ppo": run_stage(out, "ppo", lambda: stage_ppo(out, s, progress, args.beta, "ppo"), args.force),
+        "ppo": run_stage(out, "ppo", lambda: stage_ppo(out, s, progress, args.beta, "ppo", args.reward_fn),
+                         args.force),
     }
     if args.reward_hacking:
-        results["ppo_beta0"] = run_stage(out, "ppo_beta0", lambda: stage_ppo(out, s, progress, 0.0, "ppo_beta0"),
-                                         args.force)
+        results["ppo_beta0"] = run_stage(out, "ppo_beta0", lambda: stage_ppo(out, s, progress, 0.0, "ppo_beta0",
+                                                                            args.reward_fn), args.force)
     print(report(out, results))
     print(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report in {out / 'report.md'}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,38 +1,41 @@
 """PPO for RLHF, written out with no RL library (Schulman et al. 2017; Ziegler et al. 2019; Stiennon et al. 2020;
-Ouyang et al. 2022), with the details that published reproductions found to matter (Huang et al. 2022/2024, "The
-N+ Implementation Details of RLHF with PPO").
+Ouyang et al. 2022), with the details that published reproductions found to matter (Huang et al. 2024, "The N+
+Implementation Details of RLHF with PPO"; OpenAI's lm-human-preferences).
 
 The actors:
 - the policy pi_theta: the SFT model (all weights trained, or through a PEFT method);
-- a value head V: a Linear C -> 1 on the policy's own final hidden states. One forward pass gives both the logits
-  and the values, at half the compute and memory of a separate critic, which matters on a CPU. The head reads the
-  features through a stop-gradient: early in training the value loss is large and noisy, and letting it reshape the
-  shared backbone degraded the policy in our runs (entropy and KL climbed while the true score fell);
-- the reference pi_ref: the frozen SFT model; when the policy trains through a PEFT method, the same network with its
-  adapters disabled (peft.disable_adapters), so no second copy sits in memory;
-- the reward: the reward model's normalised score of the whole response (any reward_fn can stand in).
+- a value head V: a Linear C -> 1 on the policy's own final hidden states, read through a stop-gradient. One forward
+  pass gives logits and values, at half the compute of a separate critic; the stop-gradient keeps the early, large and
+  noisy value loss from reshaping the policy's features. The head has its own Adam optimizer, learning rate (vf_lr)
+  and gradient clipping. (A loss weight vf_coef would do nothing here: under the stop-gradient it only rescales the
+  head's gradient, which Adam undoes, so there is none.)
+- the reference pi_ref: the SFT model as RL began (rlhf.policy: a frozen copy, or the policy with its adapters off);
+- the reward: the reward model's score, the world's checker, or both (rlhf.rewards), of the response as sampled.
+
+Before the first step the reward model is normalised on responses the initial policy samples exactly as PPO will
+(same prompts, temperature and length), to mean 0 and std 1 (lm-human-preferences), so that beta is in units of the
+reward's spread.
 
 One PPO step:
-1. rollout: sample a response to each (left-padded) prompt with temperature, the KV cache, stopping at the first eos;
-2. log-probabilities of the sampled tokens under pi_theta and pi_ref, from the logits at the previous position,
-   divided by the sampling temperature; values V(s_t) at the same positions;
-3. per-token rewards: r_t = -beta * KL_t, plus the score at the last response token, where
-   KL_t = log pi(a_t) - log pi_ref(a_t) (k1) or (rho - 1) - log rho with rho = pi_ref / pi (k3);
+1. rollout: a response to each of batch_size prompts, sampled by the generation engine at the temperature, stopping
+   at the first eos (minigpt.engine; the response mask covers the tokens up to and including it);
+2. log-probabilities of the sampled tokens under pi_theta and pi_ref, from the logits at the previous position divided
+   by the temperature; values V(s_t) read at the same positions (the state before each response token);
+3. per-token rewards r_t = -beta * KL_t, plus the score at the last response token (the eos, when sampled), where
+   KL_t = log pi(a_t) - log pi_ref(a_t) (k1) or (rho - 1) - log rho with rho = pi_ref / pi (k3); a response that never
+   emits eos can have missing_eos_penalty taken off its score; whiten_rewards scales the rewards to unit variance;
 4. GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1};
    returns R_t = A_t + V_t; advantages whitened over the batch;
-5. several epochs over shuffled minibatches of the clipped losses
+5. ppo_epochs passes over shuffled minibatches of the clipped losses, each a mean over the minibatch's tokens:
    L_pi = E[max(-A rho_t, -A clip(rho_t, 1 - eps, 1 + eps))],  rho_t = pi_theta(a_t) / pi_old(a_t)
    L_V  = 1/2 E[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)]
-   minimising L_pi + vf_coef L_V with gradient clipping;
 6. the adaptive KL controller (Ziegler et al. 2019, sec. 2.2): beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2)
-   * n / horizon), with n the number of episodes in the step.
+   * n / horizon), with n the number of episodes in the step; anneal_lr decays both learning rates linearly to 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -42,56 +45,63 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minigpt import engine, tasks
+from minigpt.files import write_json
 from minigpt.model import disable_dropout
-from minigpt.sft import left_pad
-from minigpt.train import TrainConfig, configure_optimizer
+from minigpt.options import HelpFormatter, add_options, from_args, option
+from minigpt.options import run as run_cli
+from minigpt.train import configure_optimizer
+from rlhf.plots import plot_ppo
+from rlhf.policy import RLRun, open_policy, reference_of, response_logprobs, save_policy
 
 
 @dataclass
 class PPOConfig:
-    steps: int = 60  # PPO steps (one rollout + optimisation each)
-    batch_size: int = 64  # prompts per rollout
-    minibatch_size: int = 16
-    ppo_epochs: int = 4
-    max_new_tokens: int = 24
-    temperature: float = 1.0  # sampling temperature; log-probabilities use the same one
-    lr: float = 1e-4
-    vf_lr: float | None = None  # the value head's learning rate (None: lr); it is a fresh head, so it may move faster
-    beta: float = 0.05  # initial KL coefficient
-    adaptive_kl: bool = False
-    target_kl: float = 1.0  # the adaptive controller's target for the per-sequence KL (nats)
-    horizon: int = 10_000
-    kl_estimator: str = "k1"
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    missing_eos_penalty: float | None = None  # subtracted from the score of a response that never emits eos
-    seed: int = 0
+    steps: int = option(60, "PPO steps (one rollout and its optimisation each)")
+    batch_size: int = option(64, "prompts per rollout")
+    minibatch_size: int = option(16, "responses per optimisation step")
+    ppo_epochs: int = option(4, "passes over each rollout")
+    max_new_tokens: int = option(24, "the longest response, in tokens")
+    temperature: float = option(1.0, "sampling temperature; the log-probabilities use the same one")
+    lr: float = option(1e-4, "the policy's learning rate")
+    vf_lr: float | None = option(None, "the value head's learning rate (none: lr); a fresh head may move faster")
+    adam_eps: float = option(1e-5, "Adam's epsilon (lm-human-preferences: 1e-5)")
+    anneal_lr: bool = option(False, "decay both learning rates linearly to 0 over the steps")
+    beta: float = option(0.05, "initial KL coefficient")
+    adaptive_kl: bool = option(False, "move beta toward target_kl (Ziegler et al. 2019)")
+    target_kl: float = option(1.0, "the adaptive controller's target for the per-sequence KL (nats)")
+    horizon: int = option(256, "the adaptive controller's horizon in episodes: beta moves by up to "
+                          "0.2 * batch_size / horizon a step (Ziegler et al.'s 10,000 suits a million episodes)")
+    kl_estimator: str = option("k1", "per-token KL estimate in the reward: k1 or k3", choices=["k1", "k3"])
+    gamma: float = option(1.0, "discount")
+    lam: float = option(0.95, "GAE lambda")
+    cliprange: float = option(0.2, "policy ratio clip epsilon")
+    cliprange_value: float = option(0.2, "value clip epsilon")
+    max_grad_norm: float = option(1.0, "gradient-norm clip, for the policy and the value head each")
+    missing_eos_penalty: float | None = option(None, "subtracted from the score of a response that never emits eos")
+    whiten_rewards: bool = option(False, "scale the per-token rewards to unit variance over the batch (trl)")
+    normalize_reward: bool = option(True, "normalise the reward model on samples of the initial policy first")
+    normalize_samples: int = option(256, "responses sampled for that normalisation")
+    seed: int = option(0, "seed of the prompt order, the sampling and the minibatches")
 
     def __post_init__(self):
+        for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "horizon",
+                     "normalize_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.batch_size % self.minibatch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of minibatch_size "
                              f"({self.minibatch_size})")
-        if self.temperature <= 0:
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature must be > 0 for PPO (it samples), got {self.temperature}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        for name in ("beta", "target_kl", "lr", "cliprange", "cliprange_value", "max_grad_norm"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
 # -- the pieces of the math, each checked against a hand computation in tests/test_ppo.py --------------------
-
-
-def response_logprobs(logits, tokens, prompt_len: int, temperature: float = 1.0):
-    """log pi(a_t | s_t) of each response token: the token at position P + t is predicted by the logits at position
-    P + t - 1. logits (B, P + R, V), tokens (B, P + R) -> (B, R)."""
-    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # (B, R, V): positions P - 1 ... P + R - 2
-    actions = tokens[:, prompt_len:]  # (B, R)
-    return torch.log_softmax(logits, dim=-1).gather(-1, actions[..., None]).squeeze(-1)
 
 
 def kl_penalty(logp, ref_logp, estimator: str = "k1"):
@@ -122,16 +132,18 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / std over the masked entries of the whole batch; masked-out entries become 0."""
+def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+    """(x - mean) / std over the masked entries of the whole batch (the mean added back when not shift_mean);
+    masked-out entries become 0."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * mask
 
 
 def policy_loss(logp, old_logp, advantages, mask, cliprange: float):
-    """Clipped surrogate: mean over tokens of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)). Returns the loss and
-    the fraction of tokens where the clipped term was the larger one."""
+    """Clipped surrogate: mean over tokens of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)). Returns the loss, the
+    fraction of tokens where the clipped term was the larger one, and the ratios."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
@@ -141,9 +153,12 @@ def policy_loss(logp, old_logp, advantages, mask, cliprange: float):
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value: float):
-    """1/2 mean of max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)."""
+    """1/2 mean of max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2), and the fraction of tokens where
+    the clipped term was the larger one."""
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_sq, clipped_sq), mask)
+    return loss, masked_mean((clipped_sq > unclipped_sq).float(), mask)
 
 
 class AdaptiveKLController:
@@ -181,18 +196,6 @@ class PolicyWithValue(nn.Module):
         return logits, values
 
 
-@contextlib.contextmanager
-def reference_of(policy, ref_model=None):
-    """The reference model: ref_model if given, else the policy with its PEFT adapters disabled."""
-    if ref_model is not None:
-        yield ref_model
-        return
-    import peft
-
-    with peft.disable_adapters(policy):
-        yield policy
-
-
 # -- rollouts -------------------------------------------------------------------------------------------------
 
 
@@ -201,65 +204,57 @@ class Rollout:
     tokens: torch.Tensor  # (B, P + R) prompt (left-padded) and response
     attention_mask: torch.Tensor  # (B, P + R)
     prompt_len: int  # P
-    response_mask: torch.Tensor  # (B, R): 1 up to and including the first eos
-    logprobs: torch.Tensor  # (B, R) under the policy that sampled
+    response_mask: torch.Tensor  # (B, R) float: 1 up to and including the first eos
+    logprobs: torch.Tensor  # (B, R) under the policy that sampled, at the sampling temperature
     ref_logprobs: torch.Tensor  # (B, R)
-    values: torch.Tensor  # (B, R)
-    scores: torch.Tensor  # (B,)
-    rewards: torch.Tensor  # (B, R)
+    values: torch.Tensor  # (B, R) V(s_t)
+    scores: torch.Tensor  # (B,) the reward of each response (after the missing-eos penalty)
+    rewards: torch.Tensor  # (B, R) -beta * KL_t, plus the score at the last response token
     kl: torch.Tensor  # (B, R) per-token KL estimate
-
-
-def sample_responses(policy, prompts: list[list[int]], tokenizer, cfg: PPOConfig, generator=None):
-    """Left-pad the prompts, sample responses, cut each at its first eos. Returns (tokens, attention_mask, P,
-    response_mask)."""
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    device = next(policy.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    out = policy.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, attention_mask=mask,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          generator=generator)
-    P = ids.size(1)
-    response = out[:, P:]  # (B, R)
-    is_eos = response == tokenizer.eos_token_id
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first eos
-    response_mask = (~after_eos).long()
-    return out, torch.cat([mask, response_mask], dim=1), P, response_mask
+    has_eos: torch.Tensor  # (B,) bool
+    texts: list  # the decoded responses
 
 
 @torch.no_grad()
-def rollout(actor: PolicyWithValue, prompts, tokenizer, reward_fn, cfg: PPOConfig, beta: float, ref_model=None,
-            generator=None) -> Rollout:
+def rollout(actor: PolicyWithValue, examples: list[dict], tokenizer, reward_fn, cfg: PPOConfig, beta: float,
+            ref_model=None, generator=None) -> Rollout:
+    prompts = [tokenizer.encode(ex["prompt"]) for ex in examples]
+    gen = engine.complete(actor.policy, prompts, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                          temperature=cfg.temperature, generator=generator)
     actor.eval()
-    tokens, attn, P, rmask = sample_responses(actor.policy, prompts, tokenizer, cfg, generator)
-    logits, values = actor(tokens, attn)
-    logprobs = response_logprobs(logits, tokens, P, cfg.temperature)
-    values = values[:, P - 1 : -1]  # V(s_t): the state before each response token
+    P, mask = gen.prompt_len, gen.response_mask.float()
+    logits, values = actor(gen.tokens, gen.attention_mask)
+    logprobs = response_logprobs(logits, gen.tokens, P, cfg.temperature)
+    values = values[:, P - 1 : -1]  # V(s_t): read where the logits that chose token t are
     with reference_of(actor.policy, ref_model) as ref:
-        ref_logits, _ = ref(tokens, attention_mask=attn)
-    ref_logprobs = response_logprobs(ref_logits, tokens, P, cfg.temperature)
-    scores = reward_fn(tokens, attn, P, rmask).float()  # (B,)
-    has_eos = ((tokens[:, P:] == tokenizer.eos_token_id) & rmask.bool()).any(-1)
+        ref_logits, _ = ref(gen.tokens, attention_mask=gen.attention_mask)
+    ref_logprobs = response_logprobs(ref_logits, gen.tokens, P, cfg.temperature)
+    scores = reward_fn(gen, examples).float()  # (B,)
     if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
-    rmask_f = rmask.float()
-    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * rmask_f
+        scores = scores - cfg.missing_eos_penalty * (~gen.has_eos).float()
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = -beta * kl
-    last = rmask.sum(-1).clamp(min=1) - 1  # index of the last response token
+    last = gen.response_mask.sum(-1) - 1  # index of the last response token (the eos, when sampled)
     rewards[torch.arange(len(last)), last] += scores
-    return Rollout(tokens, attn, P, rmask_f, logprobs * rmask_f, ref_logprobs * rmask_f, values * rmask_f, scores,
-                   rewards, kl)
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    texts = [tokenizer.decode(r) for r in gen.responses()]
+    return Rollout(gen.tokens, gen.attention_mask, P, mask, logprobs * mask, ref_logprobs * mask, values * mask,
+                   scores, rewards, kl, gen.has_eos, texts)
 
 
 # -- the update -----------------------------------------------------------------------------------------------
 
 
-def ppo_update(actor: PolicyWithValue, optimizer, ro: Rollout, cfg: PPOConfig, generator=None) -> dict:
-    """Several epochs of clipped policy and value losses over shuffled minibatches of one rollout."""
+def ppo_update(actor: PolicyWithValue, optimizer, vf_optimizer, ro: Rollout, cfg: PPOConfig, generator=None) -> dict:
+    """ppo_epochs passes of the clipped policy and value losses over shuffled minibatches of one rollout. Under the
+    stop-gradient each loss reaches only its own parameters, and each set is clipped on its own."""
     advantages, returns = gae(ro.rewards, ro.values, ro.response_mask, cfg.gamma, cfg.lam)
     advantages = whiten(advantages, ro.response_mask)
     B = ro.tokens.size(0)
-    stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "ratio": [], "entropy": []}
+    policy_params = [p for p in actor.policy.parameters() if p.requires_grad]
+    head_params = list(actor.value_head.parameters())
+    stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "entropy")}
     actor.train()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator)
@@ -270,26 +265,27 @@ def ppo_update(actor: PolicyWithValue, optimizer, ro: Rollout, cfg: PPOConfig, g
             logp = response_logprobs(logits, ro.tokens[i], ro.prompt_len, cfg.temperature)
             values = values[:, ro.prompt_len - 1 : -1]
             pg, clipfrac, ratio = policy_loss(logp, ro.logprobs[i], advantages[i], m, cfg.cliprange)
-            vf = value_loss(values, ro.values[i], returns[i], m, cfg.cliprange_value)
-            loss = pg + cfg.vf_coef * vf
+            vf, vf_clipfrac = value_loss(values, ro.values[i], returns[i], m, cfg.cliprange_value)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in actor.parameters() if p.requires_grad], cfg.max_grad_norm)
+            vf_optimizer.zero_grad(set_to_none=True)
+            (pg + vf).backward()
+            torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(head_params, cfg.max_grad_norm)
             optimizer.step()
+            vf_optimizer.step()
             with torch.no_grad():
                 resp_logits = logits[:, ro.prompt_len - 1 : -1].float() / cfg.temperature
                 entropy = -(resp_logits.softmax(-1) * resp_logits.log_softmax(-1)).sum(-1)
-                stats["policy_loss"].append(pg.item())
-                stats["value_loss"].append(vf.item())
-                stats["clipfrac"].append(clipfrac.item())
-                stats["approx_kl"].append(masked_mean(0.5 * (logp - ro.logprobs[i]) ** 2, m).item())
-                stats["ratio"].append(masked_mean(ratio, m).item())
-                stats["entropy"].append(masked_mean(entropy, m).item())
+                for key, value in (("policy_loss", pg), ("value_loss", vf), ("clipfrac", clipfrac),
+                                   ("vf_clipfrac", vf_clipfrac), ("approx_kl", 0.5 * (logp - ro.logprobs[i]) ** 2),
+                                   ("ratio", ratio), ("entropy", entropy)):
+                    stats[key].append((value if value.dim() == 0 else masked_mean(value, m)).item())
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["first_ratio"] = stats["ratio"][0]
-    var_returns = masked_mean((returns - masked_mean(returns, ro.response_mask)) ** 2, ro.response_mask)
-    var_resid = masked_mean((returns - ro.values - masked_mean(returns - ro.values, ro.response_mask)) ** 2,
-                            ro.response_mask)
+    mask = ro.response_mask
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - ro.values
+    var_resid = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
     out["explained_variance"] = (1.0 - var_resid / var_returns.clamp(min=1e-8)).item()
     return out
 
@@ -297,47 +293,59 @@ def ppo_update(actor: PolicyWithValue, optimizer, ro: Rollout, cfg: PPOConfig, g
 # -- the loop -------------------------------------------------------------------------------------------------
 
 
-def train_ppo(policy, tokenizer, prompts: list[list[int]], reward_fn, cfg: PPOConfig, ref_model=None,
-              out_dir=None, extra_metrics=None, progress: bool = True) -> tuple[PolicyWithValue, list[dict]]:
-    """Run cfg.steps PPO steps on prompts (token id lists, drawn in shuffled batches) and return the actor and one
-    metrics row per step. ref_model None: the policy carries a PEFT method whose disabled adapters are the
-    reference; otherwise pass the frozen SFT model (make_reference). extra_metrics(rollout) -> dict adds to each row
-    (e.g. the ground-truth score of the responses)."""
+def make_optimizers(actor: PolicyWithValue, cfg: PPOConfig, device_type: str):
+    """AdamW (no weight decay) for the policy's trainable tensors, and one for the value head at its own rate."""
+    from minigpt.train import TrainConfig
+
+    optimizer = configure_optimizer(actor.policy, TrainConfig(lr=cfg.lr, min_lr=0.0, weight_decay=0.0), device_type,
+                                    eps=cfg.adam_eps)
+    vf_lr = cfg.lr if cfg.vf_lr is None else cfg.vf_lr
+    vf_optimizer = torch.optim.AdamW(actor.value_head.parameters(), lr=vf_lr, betas=(0.9, 0.99), eps=cfg.adam_eps,
+                                     weight_decay=0.0)
+    return optimizer, vf_optimizer
+
+
+def train_ppo(policy, tokenizer, examples: list[dict], reward_fn, cfg: PPOConfig, ref_model=None, out_dir=None,
+              progress: bool = True) -> tuple[PolicyWithValue, list[dict]]:
+    """Run cfg.steps PPO steps on examples (dicts with a formatted "prompt", and an "output" for the ground-truth
+    score), drawn in shuffled batches; return the actor and one metrics row per step (also in ppo_metrics.jsonl).
+    ref_model None: the policy carries a PEFT method whose disabled adapters are the reference; otherwise the frozen
+    SFT model. reward_fn(generation, examples) -> (B,) scores (rlhf.rewards)."""
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the prompt order and the minibatches
     device = next(policy.parameters()).device
-    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the sampling
     actor = PolicyWithValue(policy)
-    optimizer = configure_optimizer(policy, TrainConfig(lr=cfg.lr, min_lr=0.0, weight_decay=0.0), device.type)
-    optimizer.add_param_group({"params": list(actor.value_head.parameters()), "weight_decay": 0.0,
-                               "lr": cfg.lr if cfg.vf_lr is None else cfg.vf_lr})  # the value head, at its own rate
+    optimizer, vf_optimizer = make_optimizers(actor, cfg, device.type)
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in (optimizer, vf_optimizer)]
     controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.horizon)
-    rows, order, cursor = [], torch.randperm(len(prompts), generator=generator).tolist(), 0
+    rows, order, cursor = [], torch.randperm(len(examples), generator=generator).tolist(), 0
     metrics_path = Path(out_dir) / "ppo_metrics.jsonl" if out_dir else None
     if metrics_path:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, desc="ppo", dynamic_ncols=True)
+    bar = _progress(cfg.steps, "ppo") if progress else None
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
-        batch = [prompts[j] for j in order[cursor : cursor + cfg.batch_size]]
+            order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
+        batch = [examples[j] for j in order[cursor : cursor + cfg.batch_size]]
         cursor += cfg.batch_size
+        if cfg.anneal_lr:
+            for opt, lrs in zip((optimizer, vf_optimizer), base_lrs):
+                for group, lr in zip(opt.param_groups, lrs):
+                    group["lr"] = lr * (1.0 - step / cfg.steps)
         beta = controller.beta
         ro = rollout(actor, batch, tokenizer, reward_fn, cfg, beta, ref_model, sample_gen)
-        stats = ppo_update(actor, optimizer, ro, cfg, generator)
+        stats = ppo_update(actor, optimizer, vf_optimizer, ro, cfg, generator)
         seq_kl = ro.kl.sum(-1).mean().item()
         if cfg.adaptive_kl:
             controller.update(seq_kl, cfg.batch_size)
         row = {"step": step, "score": ro.scores.mean().item(), "kl": seq_kl,
-               "total_reward": ro.rewards.sum(-1).mean().item(), "beta": beta,
-               "response_len": ro.response_mask.sum(-1).mean().item(), **stats}
-        if extra_metrics is not None:
-            row.update(extra_metrics(ro))
+               "total_reward": ro.rewards.sum(-1).mean().item(), "beta": beta, "lr": optimizer.param_groups[0]["lr"],
+               "response_len": ro.response_mask.sum(-1).mean().item(),
+               "truncated": (~ro.has_eos).float().mean().item(), **stats}
+        if all("output" in ex for ex in batch):  # the world's rubric, whatever the reward was
+            row["true_score"] = sum(map(tasks.ground_truth_score, batch, ro.texts)) / len(batch)
         if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
             raise FloatingPointError(f"PPO step {step} produced a non-finite metric: {row}")
         rows.append(row)
@@ -352,138 +360,98 @@ def train_ppo(policy, tokenizer, prompts: list[list[int]], reward_fn, cfg: PPOCo
     return actor, rows
 
 
-def make_reference(policy):
-    """A frozen copy of the SFT model (for a policy trained on all its weights)."""
-    ref = copy.deepcopy(policy).eval()
-    disable_dropout(ref)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)
 
 
-def reward_model_fn(reward_model, eos_token_id: int):
-    """reward_fn for train_ppo from a RewardModel: it scores prompt + response up to its first eos (the eos is part
-    of the response, so the reward model reads it as it did in training)."""
-
-    @torch.no_grad()
-    def score(tokens, attention_mask, prompt_len, response_mask):
-        return reward_model(tokens, attention_mask=attention_mask)
-
-    return score
+# -- the stage and its command line ---------------------------------------------------------------------------
 
 
-PANELS = [  # (title, [(metric, label)], y label): everything train_ppo logs, one panel each
-    ("scores", [("score", "reward-model score"), ("true_score", "ground-truth score")], "mean over the batch"),
-    ("KL to the reference", [("kl", "KL(pi || pi_ref) per response"), ("beta", "beta")], "nats"),
-    ("total reward", [("total_reward", "score - beta * KL")], "per response"),
-    ("entropy", [("entropy", "policy entropy")], "nats per token"),
-    ("approx KL (old -> new)", [("approx_kl", "approx KL")], "nats per token"),
-    ("clip fraction", [("clipfrac", "policy ratio clipped")], "share of tokens"),
-    ("value loss", [("value_loss", "clipped value loss")], "loss"),
-    ("explained variance", [("explained_variance", "1 - Var(returns - V) / Var(returns)")], ""),
-    ("mean ratio", [("ratio", "pi / pi_old")], ""),
-]
+def run_ppo(run: RLRun, cfg: PPOConfig, peft_config=None, reward: str = "reward_model") -> dict:
+    """PPO from run.sft on run.prompts with the reward of kind `reward` (rlhf.rewards); the policy, ppo_metrics.jsonl,
+    ppo.png and results.json go to run.out_dir, with the evaluation before and after on the held-out prompts when
+    run.eval_prompts > 0. Returns the results (and the rows)."""
+    from rlhf.evaluate import evaluate_policy
+    from rlhf.prompts import builtin_prompts, load_prompts
+    from rlhf.reward_model import load_reward_model, normalize_on_samples
+    from rlhf.rewards import make_reward
 
+    pol = open_policy(run.sft, peft_config)
+    tokenizer = pol.tokenizer
+    rm = None  # loaded for the reward, or only to report its scores when the checker is the reward
+    if reward != "checker" or (run.reward and Path(run.reward).exists()):
+        rm, rm_tokenizer = load_reward_model(run.reward)
+        if rm_tokenizer.to_dict() != tokenizer.to_dict():
+            raise ValueError(f"the reward model {run.reward} uses tokenizer {rm_tokenizer.name!r}, the policy "
+                             f"{run.sft} uses {tokenizer.name!r}: they must be the same")
+        rm.to(next(pol.model.parameters()).device)
+    examples, source = load_prompts(run.prompts, pol.info.get("template"))
+    results = {"reward": reward}
+    if rm is not None and cfg.normalize_reward:  # on the policy's own samples, drawn as the rollouts will be
+        picked = [examples[i % len(examples)]["prompt"] for i in range(cfg.normalize_samples)]
+        results["normalization"] = normalize_on_samples(rm, pol.model, tokenizer, picked, cfg.max_new_tokens,
+                                                        cfg.temperature, seed=cfg.seed + 1)
+    test = builtin_prompts(n_test=run.eval_prompts)[1] if run.eval_prompts else []
 
-def plot_ppo(rows: list[dict], path, title: str = "PPO") -> None:
-    """Every logged metric over PPO steps, one panel each (a metric not in the rows is left out)."""
-    import matplotlib
+    def evaluate():
+        return evaluate_policy(pol.model, tokenizer, test, k=run.eval_samples, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, with_kl=True, reference=pol.reference, rm=rm)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(3, 3, figsize=(13, 9))
-    for ax, (name, metrics, ylabel) in zip(axes.flat, PANELS):
-        for key, label in metrics:
-            if key in rows[0]:
-                ax.plot(steps, [r[key] for r in rows], label=label)
-        ax.set_title(name)
-        ax.set_xlabel("PPO step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def config_dict(cfg: PPOConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def save_policy(path, policy, tokenizer, cfg: PPOConfig) -> None:
-    """The trained policy as a checkpoint minigpt.sample and peft.train.load_base read, with the PPO settings."""
-    from minigpt.train import save_checkpoint
-
-    save_checkpoint(path, {"model": policy.state_dict(), "model_config": policy.config.to_dict(),
-                           "tokenizer": tokenizer.to_dict(), "stage": "ppo", "ppo": config_dict(cfg)})
-
-
-# -- CLI --------------------------------------------------------------------------------------------------------
-
-
-def read_prompts(path) -> list[str]:
-    """Prompts from a text file (one a line, blank lines skipped) or JSONL with a "prompt" field on every line."""
-    from minigpt import tasks
-
-    if str(path).endswith(".jsonl"):
-        return [row["prompt"] for row in tasks.read_jsonl(path, required=("prompt",))]
-    prompts = [line.rstrip("\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
+    if test:
+        results["before"] = evaluate()
+    out_dir = Path(run.out_dir)
+    actor, rows = train_ppo(pol.model, tokenizer, examples, make_reward(reward, tokenizer, rm), cfg,
+                            ref_model=pol.reference, out_dir=out_dir, progress=run.progress)
+    if test:
+        results["after"] = evaluate()
+    plot_ppo(rows, out_dir / "ppo.png", title=f"PPO ({reward}, beta = {cfg.beta:g})")
+    made_from = {"sft": run.sft, "reward": None if reward == "checker" else run.reward, "prompts": source}
+    settings = {"ppo": dataclasses.asdict(cfg), "run": dataclasses.asdict(run), "reward": reward}
+    save_policy(out_dir, pol, "ppo", made_from, settings)
+    results.update(first_row=rows[0], last_row=rows[-1], params=sum(p.numel() for p in actor.parameters()))
+    write_json(out_dir / "results.json", results)
+    results["rows"] = rows
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peft.train import add_method_options
+    from rlhf.rewards import KINDS
+
     p = argparse.ArgumentParser(prog="python -m rlhf.ppo", description="PPO on a policy (the SFT model) against a "
-                                "reward model: python -m rlhf.ppo --sft out/sft/full --reward out/reward/reward.pt",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sft", default="out/sft/full", help="the policy to start from and the reference: a peft.train "
-                   "output directory or a .pt checkpoint")
-    p.add_argument("--reward", default="out/reward/reward.pt", help="a reward model written by rlhf.reward_model")
-    p.add_argument("--prompts", help="a text file (one prompt a line) or JSONL with a prompt field (default: the "
-                   "built-in PPO prompts)")
-    p.add_argument("--out-dir", default="out/ppo")
-    p.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("PPO")
-    for f in dataclasses.fields(PPOConfig):
-        default = f.default
-        if isinstance(default, bool):
-            g.add_argument("--" + f.name.replace("_", "-"), action="store_true")
-        else:
-            g.add_argument("--" + f.name.replace("_", "-"), type=float if f.type in ("float", "float | None")
-                           else type(default), default=default)
+                                "reward model, the world's checker or both: python -m rlhf.ppo --sft out/sft/full "
+                                "--reward out/reward", formatter_class=HelpFormatter)
+    g = p.add_argument_group("what PPO starts from and learns from")
+    add_options(g, RLRun)
+    g.add_argument("--reward-fn", default="reward_model", choices=KINDS, help="what is maximised: the reward model, "
+                   "the world's checker (the prompts need reference answers), or their sum")
+    add_method_options(p.add_argument_group("PEFT method options (with --peft)"))
+    add_options(p.add_argument_group("PPO"), PPOConfig)
     return p
 
 
-def main(argv=None) -> list[dict]:
-    from minigpt import tasks
-    from rlhf.reward_model import load_reward_model, load_sft
+def main(argv=None) -> dict:
+    from minigpt.sft import method_config
 
-    args = build_parser().parse_args(argv)
-    cfg = PPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PPOConfig)})
-    policy, tokenizer = load_sft(args.sft)
-    reward_model, rm_tokenizer = load_reward_model(args.reward)
-    if rm_tokenizer.to_dict() != tokenizer.to_dict():
-        raise SystemExit(f"the reward model {args.reward} uses tokenizer {rm_tokenizer.name!r}, the policy "
-                         f"{args.sft} uses {tokenizer.name!r}: they must be the same")
-    for p in reward_model.parameters():
-        p.requires_grad_(False)
-    texts = read_prompts(args.prompts) if args.prompts else [ex["prompt"] for ex in tasks.ppo_prompts()[0]]
-    prompts = [tokenizer.encode(t) for t in texts]
-    out_dir = Path(args.out_dir)
-    ref = None if getattr(policy, "peft_config", None) is not None else make_reference(policy)
-    actor, rows = train_ppo(policy, tokenizer, prompts, reward_model_fn(reward_model, tokenizer.eos_token_id), cfg,
-                            ref_model=ref, out_dir=out_dir, progress=not args.no_progress)
-    plot_ppo(rows, out_dir / "ppo.png")
-    save_policy(out_dir / "policy.pt", policy, tokenizer, cfg)
-    first, last = rows[0], rows[-1]
-    print(f"PPO: reward-model score {first['score']:.3f} -> {last['score']:.3f}, KL {first['kl']:.3f} -> "
-          f"{last['kl']:.3f} over {cfg.steps} steps; policy saved to {out_dir / 'policy.pt'}, plot {out_dir / 'ppo.png'}")
-    return rows
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = from_args(RLRun, args)
+    given = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
+    try:
+        if run.peft == "none" and given:
+            raise ValueError(f"options {sorted(given)} need --peft METHOD")
+        peft_config = None if run.peft == "none" else method_config(run.peft, **given)
+        cfg = from_args(PPOConfig, args)
+    except ValueError as e:
+        parser.error(str(e))
+    results = run_ppo(run, cfg, peft_config, args.reward_fn)
+    first, last = results["first_row"], results["last_row"]
+    print(f"PPO ({args.reward_fn}): score {first['score']:.3f} -> {last['score']:.3f}, KL {first['kl']:.3f} -> "
+          f"{last['kl']:.3f} over {cfg.steps} steps; policy saved in {run.out_dir}, plot {run.out_dir}/ppo.png")
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -29,10 +29,11 @@ The built-in pairs (minigpt.tasks.preference_pairs) come in four kinds, and the 
 each (``accuracy_<kind>`` in metrics.jsonl, ``accuracy_by_kind`` in results.json). All four are decided by what the
 response looks like next to the prompt (extra text after the answer; an answer of the wrong kind; a list not made of
 the input's words). After training on the built-in set, the CLI also scores the probes of tasks.probe_pairs, kinds
-left out of the set because this small reward model cannot learn them (``probe_accuracy``): ``near_miss`` needs the
-task solved, ``list_edit`` a word-by-word copy check; it does not learn them (52% and 62% in the pipeline).
+left out of the set because a small reward model cannot learn them (``probe_accuracy``): ``near_miss`` needs the
+task solved, ``list_edit`` a word-by-word copy check.
 
-CLI: ``python -m rlhf.reward_model --sft out/sft/full --out-dir out/reward`` (``--help`` for the options).
+The data (pairs as token ids) is in rlhf.preferences; the stage, ``run_reward(RewardConfig(...), TrainConfig(...))``,
+and its command line ``python -m rlhf.reward_model --sft out/sft/full --out-dir out/reward`` are at the bottom.
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
-import numbers
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,11 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import peft
-from minigpt import GPT, GPTConfig, tasks
+from minigpt import GPT, checkpoint, engine, tasks
+from minigpt.files import write_json
 from minigpt.model import disable_dropout
-from minigpt.sft import left_pad
-from minigpt.tokenizer import tokenizer_from_dict
-from minigpt.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from minigpt.options import HelpFormatter, add_options, from_args, option, run
+from minigpt.train import TrainConfig, train
+from rlhf.plots import plot_reward_histogram
+from rlhf.preferences import collate_pairs, encode_pairs, fit_context, pad_right, random_pairs, read_pairs
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
@@ -141,61 +143,7 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: {"prompt", "chosen", "rejected", optional "margin"} -> token ids -> (2B, T) batches
-
-
-def fit_context(prompt_ids: list[int], response_ids: list[int], eos_token_id: int, block_size: int,
-                index: int = 0) -> list[int]:
-    """prompt_ids + response_ids + [eos], cut from the left of the prompt to fit block_size tokens. The response is
-    never cut: one whose tokens and eos alone exceed block_size raises a ValueError naming the example."""
-    answer = list(response_ids) + [eos_token_id]
-    if len(answer) > block_size:
-        raise ValueError(f"example {index}: the response and eos are {len(answer)} tokens, more than the reward "
-                         f"model's context of {block_size} tokens (the prompt is {len(prompt_ids)} tokens)")
-    keep = block_size - len(answer)  # prompt tokens that fit, the last ones
-    return list(prompt_ids[max(0, len(prompt_ids) - keep):]) + answer
-
-
-def encode_response(tokenizer, prompt: str, response: str, block_size: int, index: int = 0) -> list[int]:
-    """encode(prompt) + encode(response) + [eos], the prompt cut from the left to fit (see fit_context)."""
-    return fit_context(tokenizer.encode(prompt), tokenizer.encode(response), tokenizer.eos_token_id, block_size,
-                       index)
-
-
-def encode_pairs(tokenizer, pairs: list[dict], block_size: int) -> list[tuple[list[int], list[int], float]]:
-    """(chosen tokens, rejected tokens, margin) of each pair; margin 0.0 when the pair has none."""
-    encoded = []
-    for i, pair in enumerate(pairs):
-        margin = pair.get("margin", 0.0)
-        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin):
-            raise ValueError(f"pair {i}: margin must be a finite number, got {margin!r}")
-        encoded.append((encode_response(tokenizer, pair["prompt"], pair["chosen"], block_size, i),
-                        encode_response(tokenizer, pair["prompt"], pair["rejected"], block_size, i), float(margin)))
-    return encoded
-
-
-def pad_right(rows: list[list[int]], pad_token_id: int):
-    """Token lists padded on the right to the longest: (idx (N, T), attention_mask (N, T), 1 on real tokens)."""
-    T = max(map(len, rows))
-    idx = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, tokens in enumerate(rows):
-        idx[b, : len(tokens)] = torch.tensor(tokens)
-        mask[b, : len(tokens)] = 1
-    return idx, mask
-
-
-def collate_pairs(encoded, pad_token_id: int) -> dict:
-    """One right-padded batch of 2B sequences, the B chosen then the B rejected:
-    {"idx": (2B, T), "attention_mask": (2B, T), "margin": (B,)}."""
-    idx, mask = pad_right([c for c, _, _ in encoded] + [r for _, r, _ in encoded], pad_token_id)
-    return {"idx": idx, "attention_mask": mask, "margin": torch.tensor([m for _, _, m in encoded])}
-
-
-def random_pairs(encoded, batch_size: int, pad_token_id: int, generator: torch.Generator) -> dict:
-    """batch_size pairs drawn uniformly (with replacement) with the given generator."""
-    ix = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
-    return collate_pairs([encoded[i] for i in ix], pad_token_id)
+# Scoring pairs
 
 
 def pair_loss(rm, batch: dict, center_coef: float = 0.0):
@@ -203,15 +151,6 @@ def pair_loss(rm, batch: dict, center_coef: float = 0.0):
     rewards = rm(batch["idx"], batch["attention_mask"]).float()  # (2B,)
     B = batch["margin"].size(0)
     return bradley_terry_loss(rewards[:B], rewards[B:], batch["margin"], center_coef)
-
-
-def read_pairs(path) -> list[dict]:
-    """Preference pairs from JSONL: prompt, chosen, rejected (and optional margin) on every line."""
-    return tasks.read_jsonl(path, required=("prompt", "chosen", "rejected"))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation
 
 
 @torch.no_grad()
@@ -243,47 +182,8 @@ def pair_metrics(r_chosen, r_rejected, margin=None, kinds=None) -> dict:
     return metrics
 
 
-def plot_reward_histogram(r_chosen, r_rejected, path, title: str = "Rewards of held-out pairs") -> None:
-    """Overlaid histograms of the rewards of the chosen and the rejected responses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    both = torch.cat([r_chosen, r_rejected])
-    bins = torch.linspace(both.min().item(), both.max().item() + 1e-6, 41).tolist()
-    ax.hist(r_chosen.tolist(), bins=bins, alpha=0.6, label=f"chosen (mean {r_chosen.mean():.2f})")
-    ax.hist(r_rejected.tolist(), bins=bins, alpha=0.6, label=f"rejected (mean {r_rejected.mean():.2f})")
-    ax.set_xlabel("reward r(x, y)")
-    ax.set_ylabel("number of responses")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Normalisation on the SFT model's own responses
-
-
-@torch.no_grad()
-def sft_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
-                  seed: int | None = None, batch_size: int = 64) -> list[list[int]]:
-    """The token ids of the model's response to each prompt (greedy by default), cut before the first eos.
-    Ids, not text: decoding and encoding again need not give back the tokens the model chose."""
-    model.eval()
-    device = next(model.parameters()).device
-    responses = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad([tokenizer.encode(p) for p in prompts[start : start + batch_size]],
-                             tokenizer.pad_token_id)
-        out = model.generate(ids.to(device), max_new_tokens, temperature=temperature, attention_mask=mask.to(device),
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=seed)
-        for row in out[:, ids.size(1) :].tolist():
-            responses.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
-    return responses
+# Normalisation on the policy's own samples
 
 
 def reference_batches(tokenizer, prompts: list[str], responses: list[list[int]], block_size: int,
@@ -297,8 +197,9 @@ def reference_batches(tokenizer, prompts: list[str], responses: list[list[int]],
 
 @torch.no_grad()
 def normalize(rm, reference_batches) -> dict:
-    """Set gain = 1 / std and bias = -mean / std of the head's outputs on the reference batches, so that their
-    rewards have mean 0 and (population) std 1. Returns the raw {"mean", "std", "n"}."""
+    """Set gain = 1 / std and bias = -mean / std of the head's outputs on the reference batches (pairs of token ids
+    and attention mask), so that their rewards have mean 0 and (population) std 1. Returns the raw {"mean", "std",
+    "n"}."""
     rm.eval()
     device = rm.gain.device
     raw = torch.cat([rm.score(idx.to(device), mask.to(device)).float() for idx, mask in reference_batches])  # (N,)
@@ -312,47 +213,45 @@ def normalize(rm, reference_batches) -> dict:
     return {"mean": mean, "std": std, "n": raw.numel()}
 
 
-def normalize_on_sft(rm, sft_model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
-                     temperature: float = 0.0, seed: int | None = None) -> dict:
-    """Generate the SFT model's responses to prompts, then normalize the reward model on them."""
-    responses = sft_responses(sft_model, tokenizer, prompts, max_new_tokens, temperature, seed)
-    return normalize(rm, reference_batches(tokenizer, prompts, responses, rm.block_size))
+def normalize_on_samples(rm, policy, tokenizer, prompts: list[str], max_new_tokens: int = 24,
+                         temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> dict:
+    """Normalise rm on one response the policy samples to each prompt, drawn as PPO draws its rollouts (the
+    engine at this temperature and length; a response cut off at max_new_tokens is scored without an eos, as PPO
+    scores it), the way lm-human-preferences normalises on samples of the initial policy."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    batches = []
+    for start in range(0, len(ids), batch_size):
+        gen = engine.complete(policy, ids[start : start + batch_size], max_new_tokens, tokenizer.eos_token_id,
+                              tokenizer.pad_token_id, temperature=temperature, generator=generator)
+        batches.append((gen.tokens, gen.attention_mask))
+    return normalize(rm, batches) | {"temperature": temperature, "max_new_tokens": max_new_tokens}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Saving and loading
+# Saving and opening: a model folder (minigpt.checkpoint) of kind "reward"
 
 
-def can_merge(gpt) -> bool:
-    config = getattr(gpt, "peft_config", None)
-    return config is not None and hasattr(peft.METHODS[type(config)], "merge")
-
-
-def save_reward_model(rm: RewardModel, tokenizer, path) -> None:
-    """Write the reward model atomically. A LoRA or IA3 backbone is saved merged, as a plain GPT; any other PEFT
-    method is saved as the whole patched state plus its config, and load_reward_model applies the method again."""
-    config = getattr(rm.backbone, "peft_config", None)
-    if can_merge(rm.backbone):
-        rm, config = copy.deepcopy(rm), None
+def save_reward_model(rm: RewardModel, tokenizer, folder, template=None, made_from=None, settings=None) -> Path:
+    """Write the reward model as a model folder. A LoRA or IA3 backbone is folded in, so the folder holds a plain
+    GPT; any other PEFT method is saved as the whole patched state plus its config, applied again on loading."""
+    if peft.can_merge(rm.backbone):
+        rm = copy.deepcopy(rm)
         peft.merge_and_unload(rm.backbone)
-    method = None if config is None else {"method": config.method, "config": dataclasses.asdict(config)}
-    save_checkpoint(path, {"model": {k: v.cpu() for k, v in rm.state_dict().items()},
-                           "model_config": rm.backbone.config.to_dict(), "tokenizer": tokenizer.to_dict(),
-                           "stage": "reward", "reward_model": True, "peft": method})
+    return checkpoint.save_model(folder, rm, tokenizer, "reward", template, made_from, settings)
 
 
-def load_reward_model(path, map_location="cpu"):
-    """(reward model in eval mode, tokenizer) from save_reward_model's file (loaded with weights_only=True)."""
-    ckpt = load_checkpoint(path, map_location)
-    if not ckpt.get("reward_model"):
-        raise ValueError(f"{path} is not a reward-model checkpoint (stage {ckpt.get('stage')!r}); "
-                         f"write one with python -m rlhf.reward_model")
-    backbone = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    if ckpt.get("peft"):
-        peft.get_peft_model(backbone, peft.CONFIGS[ckpt["peft"]["method"]](**ckpt["peft"]["config"]))
-    rm = RewardModel(backbone)
-    rm.load_state_dict(ckpt["model"])
-    return rm.eval(), tokenizer_from_dict(ckpt["tokenizer"])
+def load_reward_model(path):
+    """(reward model in eval mode and frozen, tokenizer) from a reward model's folder or checkpoint."""
+    loaded = checkpoint.load(path, expect="reward")
+    rm = RewardModel(loaded.model)  # the backbone's weights are loaded; the head's come from loaded.head
+    missing, unexpected = rm.load_state_dict(loaded.head, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: the reward head does not fit (missing {missing}, unexpected {unexpected})")
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return rm.eval(), loaded.tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,7 +262,7 @@ def make_reward_model(sft_model: GPT, peft_config=None) -> RewardModel:
     """A reward model whose backbone is a copy of the SFT model (an SFT adapter merged in when it can be), trained
     fully, or through peft_config (the value head always trains)."""
     backbone = copy.deepcopy(sft_model)
-    if can_merge(backbone):
+    if peft.can_merge(backbone):
         peft.merge_and_unload(backbone)
     carried = getattr(backbone, "peft_config", None)
     if carried is not None and peft_config is not None:
@@ -373,18 +272,17 @@ def make_reward_model(sft_model: GPT, peft_config=None) -> RewardModel:
         p.requires_grad_(True)
     if peft_config is not None:
         peft.get_peft_model(backbone, peft_config)
-    rm = RewardModel(backbone)  # after patching: disables the method's dropout too
-    return rm
+    return RewardModel(backbone)  # after patching: disables the method's dropout too
 
 
 def train_reward_model(rm: RewardModel, tokenizer, train_pairs, test_pairs, cfg: TrainConfig,
-                       center_coef: float = 0.0, eval_pairs: int = 200) -> list[dict]:
+                       center_coef: float = 0.0, eval_pairs: int = 200, template=None, meta=None) -> list[dict]:
     """Train rm in place with minigpt.train.train on the pairs; evaluates on the first eval_pairs test pairs."""
     rm.backbone.check_tokenizer(tokenizer)
     if getattr(rm.backbone, "peft_config", None) is not None:
         cfg = dataclasses.replace(cfg, save_trainable_only=True)
-    train_set = encode_pairs(tokenizer, train_pairs, rm.block_size)
-    test_set = encode_pairs(tokenizer, test_pairs[:eval_pairs], rm.block_size)
+    train_set = encode_pairs(tokenizer, train_pairs, rm.block_size, template)
+    test_set = encode_pairs(tokenizer, test_pairs[:eval_pairs], rm.block_size, template)
     kinds = [p.get("kind") for p in test_pairs[:eval_pairs]]
     pad = tokenizer.pad_token_id
 
@@ -399,120 +297,129 @@ def train_reward_model(rm: RewardModel, tokenizer, train_pairs, test_pairs, cfg:
         by_kind = metrics.pop("accuracy_by_kind", {})
         return metrics | {f"accuracy_{k}": v for k, v in by_kind.items()}
 
-    method = getattr(rm.backbone, "peft_config", None)
-    meta = {"model_config": rm.backbone.config.to_dict(), "tokenizer": tokenizer.to_dict(), "stage": "reward",
-            "reward_model": True, "method": "full" if method is None else method.method}
-    return train(rm, get_batch, loss_fn, cfg, evaluate, meta=meta)
+    meta = meta or checkpoint.describe(rm, "reward", template)
+    return train(rm, get_batch, loss_fn, cfg, evaluate, meta=dict(meta, tokenizer=tokenizer.to_dict()))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CLI
+# The stage and its command line
 
 
 LORA_ABOVE = 20_000_000  # parameters: by default a larger backbone trains through LoRA, a smaller one fully
 
 
-def load_sft(path):
-    """(model, tokenizer): a directory written by peft.train.save_finetuned, or a .pt checkpoint."""
-    from peft.train import load_base, load_finetuned
+@dataclass
+class RewardConfig:
+    """What the reward model starts from and learns from (the optimisation is a TrainConfig)."""
 
-    path = Path(path)
-    if path.is_dir():
-        return load_finetuned(path)
-    if path.is_file():
-        return load_base(path)
-    raise SystemExit(f"SFT model {str(path)!r} not found; fine-tune one first: python -m peft.train --method full")
+    sft: str = option("out/sft/full", "the SFT model the reward model starts from: an SFT output folder (full or "
+                      "PEFT) or any language model")
+    peft: str = option("auto", "train the backbone through this PEFT method, or 'full' for all weights; 'auto': "
+                       f"all weights up to {LORA_ABOVE:,} parameters, LoRA above")
+    train_file: str | None = option(None, "JSONL with prompt, chosen, rejected (default: the built-in pairs)")
+    test_file: str | None = option(None, "JSONL of held-out pairs (default: the built-in held-out pairs, or the "
+                                   "last --eval-pairs pairs of --train-file, then left out of training)")
+    n_pairs: int = option(20_000, "built-in training pairs (unused with --train-file)")
+    eval_pairs: int = option(200, "held-out pairs scored at each evaluation")
+    center_coef: float = option(0.0, "coefficient of the (r_c + r_r)^2 centring term")
+    n_normalize: int = option(256, "responses the SFT model samples to the built-in PPO training prompts, to "
+                              "normalise the rewards on (0: skip; PPO normalises again on its own samples)")
+    max_new_tokens: int = option(24, "the longest of those responses, as PPO's max_new_tokens")
+    temperature: float = option(1.0, "the temperature they are sampled at, as PPO's")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    from peft.train import METHOD_FLAGS
-
-    p = argparse.ArgumentParser(prog="python -m rlhf.reward_model", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sft", default="out/sft/full", help="SFT model: a peft.train output directory or a .pt file")
-    p.add_argument("--peft", nargs="?", const="lora", default="auto", choices=["auto", "full", *sorted(peft.CONFIGS)],
-                   help="train the backbone through this PEFT method (lora when the flag has no value), or 'full' "
-                        f"for all weights; default 'auto': all weights up to {LORA_ABOVE:,} parameters, LoRA above")
-    p.add_argument("--out-dir", default="out/reward")
-    p.add_argument("--train-file", help="JSONL with prompt, chosen, rejected (default: the built-in pairs)")
-    p.add_argument("--test-file", help="JSONL of held-out pairs (default: the built-in held-out pairs, or the last "
-                                       "--eval-pairs pairs of --train-file, then left out of training)")
-    p.add_argument("--n-pairs", type=int, default=20_000,
-                   help="built-in training pairs (default 20000; unused with --train-file)")
-    p.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs scored at each evaluation")
-    p.add_argument("--center-coef", type=float, default=0.0, help="coefficient of the (r_c + r_r)^2 centring term")
-    p.add_argument("--n-normalize", type=int, default=100, help="held-out PPO prompts used to normalise (0: skip)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="length of the SFT responses for normalisation")
-    g = p.add_argument_group("PEFT method options (used by the methods that have them)")
-    for name, typ in METHOD_FLAGS.items():
-        g.add_argument("--" + name.replace("_", "-"), type=typ)
-    g = p.add_argument_group("training")
-    g.add_argument("--max-iters", type=int, default=300)
-    g.add_argument("--batch-size", type=int, default=32, help="pairs per batch (2x sequences)")
-    g.add_argument("--lr", type=float, default=None, help="default: 1e-3 for all weights, 1e-2 for PEFT")
-    g.add_argument("--warmup-iters", type=int, default=20)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--eval-interval", type=int, default=100)
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--no-progress", action="store_true")
-    return p
+    def __post_init__(self):
+        if self.peft not in ("auto", "full", *peft.CONFIGS):
+            raise ValueError(f"peft must be auto, full or one of {sorted(peft.CONFIGS)}, got {self.peft!r}")
 
 
-def load_data(args) -> tuple[list[dict], list[dict]]:
-    if args.train_file:
-        train_pairs = read_pairs(args.train_file)
-        if args.test_file:
-            return train_pairs, read_pairs(args.test_file)
-        if len(train_pairs) <= args.eval_pairs:
-            raise SystemExit(f"{args.train_file} has {len(train_pairs)} pairs: too few to hold out --eval-pairs "
-                             f"{args.eval_pairs} for testing; give --test-file or lower --eval-pairs")
-        return train_pairs[: -args.eval_pairs], train_pairs[-args.eval_pairs:]  # the last ones held out
-    return tasks.preference_pairs(n_train=args.n_pairs)
+def reward_data(rcfg: RewardConfig) -> tuple[list[dict], list[dict]]:
+    if rcfg.train_file:
+        train_pairs = read_pairs(rcfg.train_file)
+        if rcfg.test_file:
+            return train_pairs, read_pairs(rcfg.test_file)
+        if len(train_pairs) <= rcfg.eval_pairs:
+            raise ValueError(f"{rcfg.train_file} has {len(train_pairs)} pairs: too few to hold out --eval-pairs "
+                             f"{rcfg.eval_pairs} for testing; give --test-file or lower --eval-pairs")
+        return train_pairs[: -rcfg.eval_pairs], train_pairs[-rcfg.eval_pairs:]  # the last ones held out
+    return tasks.preference_pairs(n_train=rcfg.n_pairs)
 
 
-def main(argv=None) -> dict:
-    from peft.train import METHOD_FLAGS, method_config
-
-    args = build_parser().parse_args(argv)
-    out_dir = Path(args.out_dir)
-    sft_model, tokenizer = load_sft(args.sft)
-    method = args.peft
-    if method == "auto":  # a GPT-2-sized backbone trains through LoRA, the course's small models fully
-        method = "lora" if sft_model.num_parameters() > LORA_ABOVE else "full"
-    flags = {k: getattr(args, k) for k in METHOD_FLAGS}
-    config = None if method == "full" else method_config(method, **flags)
-    train_pairs, test_pairs = load_data(args)
-    torch.manual_seed(args.seed)
-    rm = make_reward_model(sft_model, config)
-    lr = args.lr or (1e-3 if config is None else 1e-2)
-    cfg = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
-                      warmup_iters=args.warmup_iters, weight_decay=args.weight_decay, eval_interval=args.eval_interval,
-                      eval_iters=1, out_dir=str(out_dir), seed=args.seed, device=args.device,
-                      progress=not args.no_progress)
-    rows = train_reward_model(rm, tokenizer, train_pairs, test_pairs, cfg, args.center_coef, args.eval_pairs)
-
-    results = {"method": "full" if config is None else config.method, "iters": rows[-1]["iter"] + 1,
+def run_reward(rcfg: RewardConfig, cfg: TrainConfig, peft_config=None) -> dict:
+    """Train a reward model from rcfg.sft, normalise it, score the held-out pairs (and the probes of the built-in
+    set) and write its folder, histogram and results.json to cfg.out_dir. peft_config: the method for rcfg.peft
+    (None: all weights)."""
+    loaded = checkpoint.load(rcfg.sft, expect="gpt")
+    sft_model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.info.get("template")
+    train_pairs, test_pairs = reward_data(rcfg)
+    torch.manual_seed(cfg.seed)
+    rm = make_reward_model(sft_model, peft_config)
+    out = Path(cfg.out_dir)
+    made_from = {"sft": str(rcfg.sft), "data": rcfg.train_file or f"built-in preference pairs ({rcfg.n_pairs:,})"}
+    settings = {"reward": dataclasses.asdict(rcfg), "train": dataclasses.asdict(cfg)}
+    meta = checkpoint.describe(rm, "reward", template, made_from, settings)
+    rows = train_reward_model(rm, tokenizer, train_pairs, test_pairs, cfg, rcfg.center_coef, rcfg.eval_pairs,
+                              template, meta)
+    results = {"method": "full" if peft_config is None else peft_config.method, "iters": rows[-1]["iter"] + 1,
                "train_s": rows[-1]["elapsed_s"], "held_out_pairs": len(test_pairs)}
     results["trainable_params"], results["total_params"] = peft.count_parameters(rm)
-    if args.n_normalize > 0:  # first, so that the metrics below describe the saved, normalised model
-        prompts = [ex["prompt"] for ex in tasks.ppo_prompts(n_train=0, n_test=args.n_normalize)[1]]
-        results["normalization"] = normalize_on_sft(rm, sft_model.to(rm.gain.device), tokenizer, prompts,
-                                                    args.max_new_tokens)
-    r_c, r_r, margin = score_pairs(rm, encode_pairs(tokenizer, test_pairs, rm.block_size), tokenizer.pad_token_id)
+    if rcfg.n_normalize > 0:  # first, so that the metrics below describe the saved, normalised model
+        train_prompts = tasks.ppo_prompts(n_train=rcfg.n_normalize, n_test=0)[0]  # never an evaluation prompt
+        results["normalization"] = normalize_on_samples(rm, sft_model.to(rm.gain.device), tokenizer,
+                                                        [ex["prompt"] for ex in train_prompts], rcfg.max_new_tokens,
+                                                        rcfg.temperature, seed=cfg.seed)
+    encoded = encode_pairs(tokenizer, test_pairs, rm.block_size, template)
+    r_c, r_r, margin = score_pairs(rm, encoded, tokenizer.pad_token_id)
     results.update(pair_metrics(r_c, r_r, margin, [p.get("kind", "all") for p in test_pairs]))
-    if not args.train_file:  # the built-in set's blind spots (tasks.probe_pairs), kinds it never trains on
+    if not rcfg.train_file:  # the built-in set's blind spots (tasks.probe_pairs), kinds it never trains on
         probes = tasks.probe_pairs()
         p_c, p_r, _ = score_pairs(rm, encode_pairs(tokenizer, probes, rm.block_size), tokenizer.pad_token_id)
         results["probe_accuracy"] = pair_metrics(p_c, p_r, kinds=[p["kind"] for p in probes])["accuracy_by_kind"]
-    plot_reward_histogram(r_c, r_r, out_dir / "reward_hist.png",
+    plot_reward_histogram(r_c, r_r, out / "reward_hist.png",
                           f"Held-out rewards: accuracy {results['accuracy']:.1%} on {len(test_pairs)} pairs")
-    save_reward_model(rm, tokenizer, out_dir / "reward.pt")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    save_reward_model(rm.cpu(), tokenizer, out, template, made_from, settings)
+    write_json(out / "results.json", results)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from peft.train import add_method_options
+
+    p = argparse.ArgumentParser(prog="python -m rlhf.reward_model", description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("what the reward model starts from and learns from")
+    add_options(g, RewardConfig, skip=("peft",))
+    g.add_argument("--peft", nargs="?", const="lora", default="auto", choices=["auto", "full", *sorted(peft.CONFIGS)],
+                   help="train the backbone through this PEFT method (lora when the flag has no value), or 'full' "
+                        f"for all weights; 'auto': all weights up to {LORA_ABOVE:,} parameters, LoRA above")
+    add_method_options(p.add_argument_group("PEFT method options (with --peft)"))
+    add_options(p.add_argument_group("training (--lr by default: 1e-3 for all weights, 1e-2 for PEFT; --min-lr lr / "
+                                     "10)"), TrainConfig, skip=("save_trainable_only",),
+                defaults={"max_iters": 300, "batch_size": 32, "lr": None, "min_lr": None, "warmup_iters": 20,
+                          "weight_decay": 0.0, "eval_interval": 100, "eval_iters": 1, "out_dir": "out/reward"})
+    return p
+
+
+def main(argv=None) -> dict:
+    from minigpt.sft import method_config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rcfg = from_args(RewardConfig, args)
+    method = rcfg.peft
+    if method == "auto":  # a GPT-2-sized backbone trains through LoRA, the course's small models fully
+        n_params = checkpoint.load(rcfg.sft, expect="gpt").model.num_parameters()
+        method = "lora" if n_params > LORA_ABOVE else "full"
+    given = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
+    try:
+        config = method_config(method, **given)
+    except ValueError as e:
+        parser.error(str(e))
+    lr = args.lr or (1e-3 if config is None else 1e-2)
+    cfg = from_args(TrainConfig, args, lr=lr, min_lr=args.min_lr if args.min_lr is not None else lr / 10)
+    results = run_reward(rcfg, cfg, config)
     by_kind = ", ".join(f"{k} {v:.1%}" for k, v in results["accuracy_by_kind"].items())
     print(f"reward model ({results['method']}): held-out pairwise accuracy {results['accuracy']:.1%} ({by_kind}), "
           f"mean margin {results['mean_margin']:.3f}, {results['iters']} iterations in {results['train_s']:.1f} s; "
-          f"saved {out_dir / 'reward.pt'}")
+          f"saved in {cfg.out_dir}")
     if "probe_accuracy" in results:
         print("probes, kinds left out of the set: " + ", ".join(f"{k} {v:.1%}"
                                                                for k, v in results["probe_accuracy"].items()))
@@ -520,4 +427,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

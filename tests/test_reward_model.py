@@ -7,39 +7,30 @@ import statistics
 
 import pytest
 import torch
+from conftest import save_folder
 
 import peft
 import rlhf.reward_model
-from minigpt import GPT, CharTokenizer, preset, tasks
-from minigpt.train import TrainConfig, save_checkpoint
+from minigpt import GPT, CharTokenizer, engine, preset, tasks
+from minigpt.checkpoint import save_checkpoint
+from minigpt.train import TrainConfig
+from rlhf.preferences import collate_pairs, encode_pairs, encode_response, read_pairs
 from rlhf.reward_model import (
     RewardModel,
     bradley_terry_loss,
-    collate_pairs,
-    encode_pairs,
-    encode_response,
     load_reward_model,
     main,
     make_reward_model,
     normalize,
     pair_metrics,
-    read_pairs,
     reference_batches,
     save_reward_model,
     score_pairs,
-    sft_responses,
     train_reward_model,
     value_head,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two that other processes keep waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +239,8 @@ def test_normalize_gives_mean_0_and_std_1_on_the_reference_set(tok):
     torch.manual_seed(2)
     sft = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=64))
     prompts = [ex["prompt"] for ex in tasks.ppo_prompts(seed=0, n_train=0, n_test=12)[1]]
-    responses = sft_responses(sft, tok, prompts, max_new_tokens=6, temperature=1.0, seed=0)
+    responses = engine.complete_all(sft, [tok.encode(p) for p in prompts], 6, tok.eos_token_id, tok.pad_token_id,
+                                    temperature=1.0, seed=0, truncate_prompts=True)
     assert len(responses) == 12 and all(len(r) <= 6 and tok.eos_token_id not in r for r in responses)
     stats = normalize(rm, reference_batches(tok, prompts, responses, rm.block_size, batch_size=5))
     assert stats["n"] == 12
@@ -277,13 +269,13 @@ def test_save_and_load_round_trip_keeps_rewards_and_normalisation(tmp_path, tok)
     rm.gain.fill_(2.5)
     rm.bias.fill_(-0.75)
     x = torch.randint(tok.vocab_size - 2, (3, 12))
-    save_reward_model(rm, tok, tmp_path / "reward.pt")
-    loaded, tok2 = load_reward_model(tmp_path / "reward.pt")
+    save_reward_model(rm, tok, tmp_path / "reward")
+    loaded, tok2 = load_reward_model(tmp_path / "reward")
     assert tok2.to_dict() == tok.to_dict() and loaded.gain.item() == 2.5 and loaded.bias.item() == -0.75
     with torch.no_grad():
         assert torch.allclose(loaded(x), rm(x), atol=1e-6)
-    save_checkpoint(tmp_path / "lm.pt", {"model": {}, "stage": "sft"})
-    with pytest.raises(ValueError, match="is not a reward-model checkpoint \\(stage 'sft'\\)"):
+    save_checkpoint(tmp_path / "lm.pt", {"model": {}, "stage": "sft", "model_config": {}, "tokenizer": {}})
+    with pytest.raises(ValueError, match="is a language model \\(stage 'sft'\\); expected a reward model"):
         load_reward_model(tmp_path / "lm.pt")
 
 
@@ -299,8 +291,8 @@ def test_lora_backbone_trains_only_lora_and_head_and_saves_merged(tmp_path, tok)
             if "lora_B" in n:
                 p.normal_(0, 0.5)  # a trained-looking update
     x = torch.randint(tok.vocab_size - 2, (2, 16))
-    save_reward_model(rm, tok, tmp_path / "reward.pt")
-    loaded, _ = load_reward_model(tmp_path / "reward.pt")
+    save_reward_model(rm, tok, tmp_path / "reward")
+    loaded, _ = load_reward_model(tmp_path / "reward")
     assert getattr(loaded.backbone, "peft_config", None) is None  # a plain GPT
     assert getattr(rm.backbone, "peft_config", None) is not None  # the trained model is left as it was
     with torch.no_grad():
@@ -319,8 +311,8 @@ def test_prompt_methods_read_the_right_hidden_states_and_round_trip(tmp_path, to
     h = ln_f_output(rm.backbone, idx, mask)[:, -1]  # (B, C) from GPT.forward of the patched backbone
     with torch.no_grad():
         assert torch.allclose(rm(idx, mask), rm.head(h).squeeze(-1), atol=1e-5)
-        save_reward_model(rm, tok, tmp_path / "reward.pt")
-        loaded, _ = load_reward_model(tmp_path / "reward.pt")
+        save_reward_model(rm, tok, tmp_path / "reward")
+        loaded, _ = load_reward_model(tmp_path / "reward")
         assert torch.allclose(loaded(idx, mask), rm(idx, mask), atol=1e-6)
 
 
@@ -348,23 +340,22 @@ def test_short_run_on_built_in_pairs_beats_chance(tmp_path, tok, pairs):
 def test_cli_writes_every_output(tmp_path, tok, pairs, monkeypatch):
     torch.manual_seed(0)
     sft = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=256))
-    save_checkpoint(tmp_path / "sft.pt", {"model": sft.state_dict(), "model_config": sft.config.to_dict(),
-                                          "tokenizer": tok.to_dict(), "stage": "sft"})
+    save_folder(tmp_path / "sft", sft, tok, "sft", template=True)
     for name, rows in (("train", pairs[0][:40]), ("test", pairs[1][:10])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "reward"
-    results = main(["--sft", str(tmp_path / "sft.pt"), "--out-dir", str(out), "--train-file",
+    results = main(["--sft", str(tmp_path / "sft"), "--out-dir", str(out), "--train-file",
                     str(tmp_path / "train.jsonl"), "--test-file", str(tmp_path / "test.jsonl"), "--max-iters", "3",
                     "--batch-size", "4", "--n-normalize", "6", "--max-new-tokens", "4", "--device", "cpu",
                     "--no-progress", "--peft"])
-    for f in ("reward.pt", "metrics.jsonl", "loss.png", "reward_hist.png", "results.json"):
+    for f in ("model.json", "model.safetensors", "metrics.jsonl", "loss.png", "reward_hist.png", "results.json"):
         assert (out / f).is_file(), f
     assert results["method"] == "lora" and results["normalization"]["n"] == 6
     assert set(results["accuracy_by_kind"]) <= {"ill_formed", "wrong_vs_ill_formed", "rambling", "junk"}
-    loaded, _ = load_reward_model(out / "reward.pt")
+    loaded, _ = load_reward_model(out)
     assert loaded.gain.item() == pytest.approx(1 / results["normalization"]["std"])
     # without --peft the size of the backbone decides: all weights for a small one, LoRA above LORA_ABOVE
-    args = ["--sft", str(tmp_path / "sft.pt"), "--train-file", str(tmp_path / "train.jsonl"), "--test-file",
+    args = ["--sft", str(tmp_path / "sft"), "--train-file", str(tmp_path / "train.jsonl"), "--test-file",
             str(tmp_path / "test.jsonl"), "--max-iters", "1", "--batch-size", "2", "--n-normalize", "0",
             "--device", "cpu", "--no-progress"]
     assert main(args + ["--out-dir", str(tmp_path / "auto")])["method"] == "full"

@@ -1,0 +1,72 @@
+"""What an RL method maximises: the learned reward model, the world's own checker (a verifiable reward), or both.
+
+A reward function takes a sampled batch (minigpt.engine.Generation) and the examples its prompts came from, and
+returns one score per response, (B,):
+
+    reward_model_reward(rm)          r_phi(x, y): the reward model's score of prompt and response, the tokens exactly as
+                                     sampled (a response cut off at max_new_tokens is scored without an eos, as sampled)
+    checker_reward(tokenizer)        the world's rubric, tasks.ground_truth_score: 1 for the correct answer alone, 0.5
+                                     for it followed by more text, 0.25 for a wrong answer of the right form, else 0;
+                                     with exact=True tasks.check_answer instead: 1 or 0
+    summed(f, g)                     f + g
+
+The checker is a verifiable reward in the sense of DeepSeekMath (Shao et al. 2024) and Tulu 3 (Lambert et al. 2024):
+it needs no learned model and cannot be gamed the way a reward model can, but it needs each prompt's reference answer
+(the example's "output").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minigpt import tasks
+
+KINDS = ("reward_model", "checker", "both")
+
+
+def reward_model_reward(rm):
+    """r_phi of each sampled sequence (left-padded prompt + response up to its eos), read at its last real token."""
+
+    @torch.no_grad()
+    def reward(gen, examples):
+        return rm(gen.tokens, attention_mask=gen.attention_mask).float()
+
+    return reward
+
+
+def checker_reward(tokenizer, exact: bool = False):
+    """The world's checker on each decoded response: ground_truth_score, or with exact check_answer (1 or 0)."""
+
+    def reward(gen, examples):
+        missing = [i for i, ex in enumerate(examples) if "output" not in ex]
+        if missing:
+            raise ValueError(f"the checker needs each prompt's reference answer (an 'output' field); prompt "
+                             f"{missing[0]} has none")
+        texts = [tokenizer.decode(r) for r in gen.responses()]
+        score = tasks.check_answer if exact else tasks.ground_truth_score
+        values = [float(score(ex, text)) for ex, text in zip(examples, texts)]
+        return torch.tensor(values, device=gen.tokens.device)
+
+    return reward
+
+
+def summed(*fns):
+    """The sum of several reward functions."""
+
+    def reward(gen, examples):
+        return sum(fn(gen, examples) for fn in fns)
+
+    return reward
+
+
+def make_reward(kind: str, tokenizer, rm=None, exact: bool = False):
+    """The reward function of kind "reward_model", "checker" or "both" (their sum)."""
+    if kind not in KINDS:
+        raise ValueError(f"reward must be one of {KINDS}, got {kind!r}")
+    if kind != "checker" and rm is None:
+        raise ValueError(f"reward {kind!r} needs a reward model")
+    if kind == "reward_model":
+        return reward_model_reward(rm)
+    if kind == "checker":
+        return checker_reward(tokenizer, exact)
+    return summed(reward_model_reward(rm), checker_reward(tokenizer, exact))
