@@ -238,6 +238,15 @@ def check_answer(example: dict, answer: str) -> bool:
     return normalize(answer) == normalize(example["output"])
 
 
+def has_remark(response: str) -> bool:
+    """Whether the response holds one of the remarks (RAMBLES) some SFT demonstrations add after the answer, or the
+    start of one, wherever it stands and whatever the answer was."""
+    return any(core in response for core in REMARK_CORES)
+
+
+REMARK_CORES = ("I think that", "that is all I", "Let me check", "That was a fun")  # the start of each of RAMBLES
+
+
 def well_formed(example: dict, response: str) -> bool:
     """Whether response has the form of the reference answer example["output"]: the same words in any order for a
     list, a number for a number, an answer of the same kind for a word answer (a place for a place, a colour for a

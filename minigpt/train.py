@@ -6,7 +6,9 @@
   for every micro-batch from (seed, iteration, micro-batch index), so the data a run sees depends on nothing else:
   a resumed run sees the same batches as an uninterrupted one, and N processes see the same global batch as one
   process accumulating N micro-batches (each rank draws different micro-batches).
-- ``loss_fn(model, batch)`` returns the scalar loss; ``eval_fn(model)`` returns metrics including ``val_loss``.
+- ``loss_fn(model, batch)`` returns the scalar loss, or (loss, {name: scalar tensor}) whose values are averaged over
+  the iterations between two metrics rows and logged as ``train_<name>`` (DPO logs its implicit rewards this way);
+  ``eval_fn(model)`` returns metrics including ``val_loss``.
 
 What the loop does: AdamW with weight decay on weight matrices only, linear warm-up then cosine decay to min_lr,
 gradient accumulation, gradient clipping, mixed precision on GPUs, DistributedDataParallel under torchrun,
@@ -174,7 +176,7 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
     metrics_path = out_dir / "metrics.jsonl"
     rows = _start_metrics(metrics_path, start) if procs.is_main else []
     bar = _progress(cfg, start, procs)
-    t0, tokens_seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+    t0, tokens_seen, loss_sum, n_loss, extra_sums = time.perf_counter(), 0, 0.0, 0, {}
     for it in range(start, cfg.max_iters):
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
@@ -187,9 +189,13 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
             tokens_seen += _n_tokens(batch) * procs.world_size
             last = micro == accum - 1
             with (model.no_sync() if procs.world_size > 1 and not last else contextlib.nullcontext()), autocast:
-                loss = loss_fn(model, batch) / accum
+                out = loss_fn(model, batch)
+                loss, extra = out if isinstance(out, tuple) else (out, {})
+                loss = loss / accum
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
+            for k, v in extra.items():  # summed on the device; read at the next metrics row
+                extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float() / accum
         step_loss = step_loss.item()
         if not math.isfinite(step_loss):
             raise FloatingPointError(
@@ -217,7 +223,8 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
             continue
         row = {"iter": it, "train_loss": loss_sum / n_loss, "val_loss": None, "lr": lr,
                "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_before + elapsed, 3)}
-        loss_sum, n_loss = 0.0, 0
+        row.update({f"train_{k}": (v / n_loss).item() for k, v in extra_sums.items()})
+        loss_sum, n_loss, extra_sums = 0.0, 0, {}
         if is_eval and eval_fn is not None:
             extra = eval_fn(raw_model)
             row.update(extra)

@@ -5,8 +5,8 @@ For each held-out prompt (an example with its reference answer):
 - sampled accuracy: the share of k samples (at the sampling temperature) that are exactly right;
 - pass@k: at least one of the k samples is right;
 - ground-truth score: the mean rubric score of the samples (tasks.ground_truth_score: 1 / 0.5 / 0.25 / 0);
-- remarks: the share of samples that give the right answer and then go on (the rubric's 0.5: "12. I think that is
-  right, but I am not sure.");
+- remarks: the share of samples holding one of the remarks some SFT demonstrations add after the answer ("12. I
+  think that is right, but I am not sure."; tasks.has_remark), right answer or not;
 - truncated: the share of samples cut off at max_new_tokens without an eos;
 - KL to the reference: sum over the response of log pi(y_t) - log pi_ref(y_t) on the samples, a Monte-Carlo estimate
   of KL(pi || pi_ref) per response (k1; unbiased);
@@ -62,7 +62,8 @@ def evaluate_policy(model, tokenizer, examples: list[dict], k: int = 4, max_new_
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     greedy = [tokenizer.decode(r) for r in engine.complete_all(model, ids, max_new_tokens, eos, pad, batch_size)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    per = {m: [[] for _ in examples] for m in ("correct", "score", "truncated", "kl", "rm_score", "response_len")}
+    per = {m: [[] for _ in examples] for m in ("correct", "score", "remark", "truncated", "kl", "rm_score",
+                                                "response_len")}
     order = [i for i in range(len(examples)) for _ in range(k)]  # each prompt k times
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -74,6 +75,7 @@ def evaluate_policy(model, tokenizer, examples: list[dict], k: int = 4, max_new_
         for j, (i, text) in enumerate(zip(rows, texts)):
             per["correct"][i].append(float(tasks.check_answer(examples[i], text)))
             per["score"][i].append(tasks.ground_truth_score(examples[i], text))
+            per["remark"][i].append(float(tasks.has_remark(text)))
             per["truncated"][i].append(float(not gen.has_eos[j]))
             per["response_len"][i].append(float(gen.response_mask[j].sum()))
             if kl is not None:
@@ -89,14 +91,14 @@ def evaluate_policy(model, tokenizer, examples: list[dict], k: int = 4, max_new_
 
 def summarize(per: dict, tasks_of: list[str]) -> dict:
     """The metrics from per-prompt lists of per-sample values: per[name][i] lists prompt i's values of "correct",
-    "score", "truncated", "response_len" (and "kl", "rm_score" when measured) over its samples, and
+    "score", "remark", "truncated", "response_len" (and "kl", "rm_score" when measured) over its samples, and
     "greedy_correct" its greedy answer's (one value)."""
     values = {  # one value per prompt
         "greedy_accuracy": [c[0] for c in per["greedy_correct"]],
         "sampled_accuracy": [statistics.fmean(c) for c in per["correct"]],
         "pass_at_k": [float(max(c)) for c in per["correct"]],
         "true_score": [statistics.fmean(s) for s in per["score"]],
-        "remarks": [statistics.fmean(float(x == 0.5) for x in s) for s in per["score"]],
+        "remarks": [statistics.fmean(r) for r in per["remark"]],
         "truncated": [statistics.fmean(t) for t in per["truncated"]],
         "response_len": [statistics.fmean(n) for n in per["response_len"]],
     }
@@ -104,6 +106,7 @@ def summarize(per: dict, tasks_of: list[str]) -> dict:
         if per.get(name) and all(per[name]):
             values[name] = [statistics.fmean(v) for v in per[name]]
     out = {m: dict(zip(("mean", "se"), mean_se(v))) for m, v in values.items()}
+    out["per_prompt"] = values  # for paired comparisons of two evaluations on the same prompts (gain)
     out["by_task"] = {}
     for task in sorted(set(tasks_of)):
         idx = [i for i, t in enumerate(tasks_of) if t == task]
@@ -111,6 +114,13 @@ def summarize(per: dict, tasks_of: list[str]) -> dict:
                                 for m in ("greedy_accuracy", "sampled_accuracy", "true_score")}
     out["n_prompts"] = len(tasks_of)
     return out
+
+
+def gain(before: dict, after: dict, metric: str = "greedy_accuracy") -> dict:
+    """{"mean", "se"} of after - before on the same prompts: the standard error of the paired differences, smaller
+    than either evaluation's own when most prompts do not change."""
+    diffs = [a - b for a, b in zip(after["per_prompt"][metric], before["per_prompt"][metric])]
+    return dict(zip(("mean", "se"), mean_se(diffs)))
 
 
 def over_seeds(results: list[dict]) -> dict:

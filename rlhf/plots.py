@@ -47,14 +47,15 @@ PPO_PANELS = [  # (title, [(metric, label)], y label): everything train_ppo logs
 def plot_metrics(rows: list[dict], path, panels, title: str, xlabel: str = "step") -> None:
     """One panel per entry of panels, each metric of it against rows' "step" (a metric not logged is left out)."""
     plt = _pyplot()
-    steps = [r["step"] for r in rows]
     cols = 3
     fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(13, 3 * ((len(panels) + 2) // 3)))
     for ax, (name, metrics, ylabel) in zip(axes.flat, panels):
         for key, label in metrics:
-            if rows and key in rows[0]:
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]  # evaluations are not every step
+            if points:
                 scale = 10 if "x 10" in label else 1
-                ax.plot(steps, [scale * r[key] for r in rows], label=label)
+                ax.plot([s for s, _ in points], [scale * v for _, v in points], "o-" if len(points) < len(rows)
+                        else "-", ms=3, label=label)
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,6 +43,7 @@ class RLRun:
     out_dir: str = option("out/ppo", "where the policy, metrics and plots go")
     eval_prompts: int = option(0, "held-out built-in prompts to evaluate the policy on before and after (0: none)")
     eval_samples: int = option(4, "samples per held-out prompt, for sampled accuracy and pass@k")
+    eval_temperature: float = option(1.0, "the temperature of those samples (the same for every method compared)")
     progress: bool = option(True, "show a progress bar")
 
 
@@ -96,6 +100,56 @@ def response_logprobs(logits, tokens, prompt_len: int, temperature: float = 1.0)
     logits = logits[:, prompt_len - 1 : -1].float() / temperature  # (B, R, V): positions P - 1 ... P + R - 2
     actions = tokens[:, prompt_len:]  # (B, R)
     return torch.log_softmax(logits, dim=-1).gather(-1, actions[..., None]).squeeze(-1)
+
+
+def kl_penalty(logp, ref_logp, estimator: str = "k1"):
+    """Per-token estimate of KL(pi || pi_ref) from a sample of pi: k1 = log pi - log pi_ref (unbiased, can be
+    negative); k3 = (rho - 1) - log rho with rho = pi_ref / pi (unbiased and never negative; Schulman 2020)."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def entropy_of(logits, mask, temperature: float = 1.0):
+    """Mean entropy (nats) of the sampling distributions softmax(logits / temperature) over the masked positions."""
+    logits = logits.float() / temperature
+    return masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), mask)
+
+
+class StepLog:
+    """One metrics row per step: appended to a JSONL file, shown on a progress bar, and kept in ``rows``."""
+
+    def __init__(self, path, total: int, desc: str, progress: bool = True):
+        self.path, self.rows = (Path(path) if path else None), []
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+    def write(self, row: dict, **shown) -> None:
+        bad = {k: v for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            raise FloatingPointError(f"step {row.get('step')} produced non-finite metrics {bad}; stopping")
+        self.rows.append(row)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def save_policy(folder, pol: Policy, stage: str, made_from=None, settings=None):

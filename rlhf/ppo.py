@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,17 @@ from minigpt.options import HelpFormatter, add_options, from_args, option
 from minigpt.options import run as run_cli
 from minigpt.train import configure_optimizer
 from rlhf.plots import plot_ppo
-from rlhf.policy import RLRun, open_policy, reference_of, response_logprobs, save_policy
+from rlhf.policy import (
+    RLRun,
+    StepLog,
+    entropy_of,
+    kl_penalty,
+    masked_mean,
+    open_policy,
+    reference_of,
+    response_logprobs,
+    save_policy,
+)
 
 
 @dataclass
@@ -104,15 +113,6 @@ class PPOConfig:
 # -- the pieces of the math, each checked against a hand computation in tests/test_ppo.py --------------------
 
 
-def kl_penalty(logp, ref_logp, estimator: str = "k1"):
-    """Per-token estimate of KL(pi || pi_ref) from a sample of pi: k1 = log pi - log pi_ref (unbiased, can be
-    negative); k3 = (rho - 1) - log rho with rho = pi_ref / pi (unbiased and never negative; Schulman 2020)."""
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    return torch.expm1(-log_ratio) + log_ratio
-
-
 def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
     """Generalised advantage estimation over response tokens, right to left. rewards, values, mask: (B, R); positions
     where mask is 0 (after the response ended) count as terminal: no reward, no value. Returns (advantages, returns)."""
@@ -126,10 +126,6 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
         next_value = values[:, t]
         advantages[:, t] = next_adv
     return advantages, advantages + values
-
-
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
@@ -274,8 +270,7 @@ def ppo_update(actor: PolicyWithValue, optimizer, vf_optimizer, ro: Rollout, cfg
             optimizer.step()
             vf_optimizer.step()
             with torch.no_grad():
-                resp_logits = logits[:, ro.prompt_len - 1 : -1].float() / cfg.temperature
-                entropy = -(resp_logits.softmax(-1) * resp_logits.log_softmax(-1)).sum(-1)
+                entropy = entropy_of(logits[:, ro.prompt_len - 1 : -1], m, cfg.temperature)
                 for key, value in (("policy_loss", pg), ("value_loss", vf), ("clipfrac", clipfrac),
                                    ("vf_clipfrac", vf_clipfrac), ("approx_kl", 0.5 * (logp - ro.logprobs[i]) ** 2),
                                    ("ratio", ratio), ("entropy", entropy)):
@@ -319,12 +314,8 @@ def train_ppo(policy, tokenizer, examples: list[dict], reward_fn, cfg: PPOConfig
     optimizer, vf_optimizer = make_optimizers(actor, cfg, device.type)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in (optimizer, vf_optimizer)]
     controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.horizon)
-    rows, order, cursor = [], torch.randperm(len(examples), generator=generator).tolist(), 0
-    metrics_path = Path(out_dir) / "ppo_metrics.jsonl" if out_dir else None
-    if metrics_path:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-    bar = _progress(cfg.steps, "ppo") if progress else None
+    order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
+    log = StepLog(Path(out_dir) / "ppo_metrics.jsonl" if out_dir else None, cfg.steps, "ppo", progress)
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
@@ -346,24 +337,9 @@ def train_ppo(policy, tokenizer, examples: list[dict], reward_fn, cfg: PPOConfig
                "truncated": (~ro.has_eos).float().mean().item(), **stats}
         if all("output" in ex for ex in batch):  # the world's rubric, whatever the reward was
             row["true_score"] = sum(map(tasks.ground_truth_score, batch, ro.texts)) / len(batch)
-        if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
-            raise FloatingPointError(f"PPO step {step} produced a non-finite metric: {row}")
-        rows.append(row)
-        if metrics_path:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{seq_kl:.2f}", beta=f"{beta:.3f}")
-    if bar is not None:
-        bar.close()
-    return actor, rows
-
-
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, dynamic_ncols=True)
+        log.write(row, score=row["score"], kl=seq_kl, beta=beta)
+    log.close()
+    return actor, log.rows
 
 
 # -- the stage and its command line ---------------------------------------------------------------------------
@@ -381,7 +357,7 @@ def run_ppo(run: RLRun, cfg: PPOConfig, peft_config=None, reward: str = "reward_
     pol = open_policy(run.sft, peft_config)
     tokenizer = pol.tokenizer
     rm = None  # loaded for the reward, or only to report its scores when the checker is the reward
-    if reward != "checker" or (run.reward and Path(run.reward).exists()):
+    if reward in ("reward_model", "both") or (run.reward and Path(run.reward).exists()):
         rm, rm_tokenizer = load_reward_model(run.reward)
         if rm_tokenizer.to_dict() != tokenizer.to_dict():
             raise ValueError(f"the reward model {run.reward} uses tokenizer {rm_tokenizer.name!r}, the policy "
@@ -397,7 +373,7 @@ def run_ppo(run: RLRun, cfg: PPOConfig, peft_config=None, reward: str = "reward_
 
     def evaluate():
         return evaluate_policy(pol.model, tokenizer, test, k=run.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, with_kl=True, reference=pol.reference, rm=rm)
+                               temperature=run.eval_temperature, with_kl=True, reference=pol.reference, rm=rm)
 
     if test:
         results["before"] = evaluate()
@@ -407,7 +383,8 @@ def run_ppo(run: RLRun, cfg: PPOConfig, peft_config=None, reward: str = "reward_
     if test:
         results["after"] = evaluate()
     plot_ppo(rows, out_dir / "ppo.png", title=f"PPO ({reward}, beta = {cfg.beta:g})")
-    made_from = {"sft": run.sft, "reward": None if reward == "checker" else run.reward, "prompts": source}
+    made_from = {"sft": run.sft, "reward": run.reward if reward in ("reward_model", "both") else None,
+                 "prompts": source}
     settings = {"ppo": dataclasses.asdict(cfg), "run": dataclasses.asdict(run), "reward": reward}
     save_policy(out_dir, pol, "ppo", made_from, settings)
     results.update(first_row=rows[0], last_row=rows[-1], params=sum(p.numel() for p in actor.parameters()))
@@ -426,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what PPO starts from and learns from")
     add_options(g, RLRun)
     g.add_argument("--reward-fn", default="reward_model", choices=KINDS, help="what is maximised: the reward model, "
-                   "the world's checker (the prompts need reference answers), or their sum")
+                   "the world's graded checker or its exact match (the prompts need reference answers), or the sum of the "
+                   "reward model and the checker")
     add_method_options(p.add_argument_group("PEFT method options (with --peft)"))
     add_options(p.add_argument_group("PPO"), PPOConfig)
     return p

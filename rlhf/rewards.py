@@ -9,6 +9,7 @@ returns one score per response, (B,):
                                      for it followed by more text, 0.25 for a wrong answer of the right form, else 0;
                                      with exact=True tasks.check_answer instead: 1 or 0
     summed(f, g)                     f + g
+    make_reward(kind, ...)           "reward_model", "checker", "exact" (check_answer) or "both"
 
 The checker is a verifiable reward in the sense of DeepSeekMath (Shao et al. 2024) and Tulu 3 (Lambert et al. 2024):
 it needs no learned model and cannot be gamed the way a reward model can, but it needs each prompt's reference answer
@@ -21,7 +22,7 @@ import torch
 
 from minigpt import tasks
 
-KINDS = ("reward_model", "checker", "both")
+KINDS = ("reward_model", "checker", "exact", "both")
 
 
 def reward_model_reward(rm):
@@ -59,14 +60,15 @@ def summed(*fns):
     return reward
 
 
-def make_reward(kind: str, tokenizer, rm=None, exact: bool = False):
-    """The reward function of kind "reward_model", "checker" or "both" (their sum)."""
+def make_reward(kind: str, tokenizer, rm=None):
+    """The reward function of kind "reward_model", "checker" (the graded rubric), "exact" (the checker's exact match,
+    1 or 0) or "both" (the reward model plus the graded rubric)."""
     if kind not in KINDS:
         raise ValueError(f"reward must be one of {KINDS}, got {kind!r}")
-    if kind != "checker" and rm is None:
+    if kind in ("reward_model", "both") and rm is None:
         raise ValueError(f"reward {kind!r} needs a reward model")
     if kind == "reward_model":
         return reward_model_reward(rm)
-    if kind == "checker":
-        return checker_reward(tokenizer, exact)
-    return summed(reward_model_reward(rm), checker_reward(tokenizer, exact))
+    if kind in ("checker", "exact"):
+        return checker_reward(tokenizer, exact=kind == "exact")
+    return summed(reward_model_reward(rm), checker_reward(tokenizer))

@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
-
 from conftest import save_folder, tiny_gpt
+
 from minigpt import engine
-from rlhf.policy import make_reference, response_logprobs
+from rlhf.policy import kl_penalty, make_reference, response_logprobs
 from rlhf.ppo import (
     AdaptiveKLController,
     PolicyWithValue,
     PPOConfig,
     gae,
-    kl_penalty,
     policy_loss,
     ppo_update,
     rollout,
@@ -387,7 +386,7 @@ def test_normalisation_scales_the_rewards_of_samples_drawn_as_ppo_draws_them():
 def test_cli_trains_from_saved_models_with_each_reward_and_refuses_another_tokenizer(tmp_path):
     import json
 
-    from minigpt import CharTokenizer, GPT, preset, tasks
+    from minigpt import GPT, CharTokenizer, preset, tasks
     from rlhf import ppo
     from rlhf.prompts import read_prompts
     from rlhf.reward_model import RewardModel, save_reward_model

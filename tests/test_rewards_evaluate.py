@@ -1,0 +1,107 @@
+"""The reward functions and the evaluation: the checker's scores against the rubric by hand, the reward model read on
+the tokens as sampled, and every evaluation metric with its standard error from per-sample values by hand."""
+
+import math
+import statistics
+
+import pytest
+import torch
+from conftest import tiny_gpt
+
+from minigpt import engine, tasks
+from rlhf.evaluate import evaluate_policy, gain, mean_se, over_seeds, summarize
+from rlhf.reward_model import RewardModel
+from rlhf.rewards import checker_reward, make_reward, reward_model_reward, summed
+
+EOS, PAD = 30, 31
+
+
+class WordTokenizer:
+    """Ids 0..29 stand for the words below; eos 30, pad 31."""
+
+    words = ["12", "13", "the", "garden", "cat,", "sun,", "tree", "I", "think", "that", "is", "right"] + [
+        f"w{i}" for i in range(18)]
+    eos_token_id, pad_token_id = EOS, PAD
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+def generation(responses, prompt_len=2):
+    """A Generation of the given responses after a dummy prompt; rows that ended with eos are padded with PAD."""
+    R = max(map(len, responses))
+    rows = [r + [PAD] * (R - len(r)) for r in responses]
+    response = torch.tensor(rows)
+    tokens = torch.cat([torch.ones(len(rows), prompt_len, dtype=torch.long), response], 1)
+    mask = engine.response_mask_of(response, EOS)
+    return engine.Generation(tokens, torch.cat([torch.ones(len(rows), prompt_len, dtype=torch.long), mask], 1),
+                             prompt_len, mask, EOS)
+
+
+def test_the_checker_scores_by_the_rubric_and_exactly():
+    # 12 / 12 and a remark / 13 / cut off at the longest length, without an eos (only rows that ended are padded)
+    gen = generation([[0, EOS], [0, 7, 8, 9, 10, 11, EOS], [1, EOS], [2, 3, 2, 3, 2, 3, 2]])
+    examples = [{"output": "12"}] * 4
+    assert checker_reward(WordTokenizer())(gen, examples).tolist() == [1.0, 0.5, 0.25, 0.0]
+    assert checker_reward(WordTokenizer(), exact=True)(gen, examples).tolist() == [1.0, 0.0, 0.0, 0.0]
+    both = summed(checker_reward(WordTokenizer()), lambda g, e: torch.full((4,), 2.0))
+    assert both(gen, examples).tolist() == [3.0, 2.5, 2.25, 2.0]
+    with pytest.raises(ValueError, match="prompt 1 has none"):
+        checker_reward(WordTokenizer())(gen, [{"output": "12"}, {}, {}, {}])
+    with pytest.raises(ValueError, match="needs a reward model"):
+        make_reward("both", WordTokenizer())
+
+
+def test_the_reward_model_reads_each_response_as_sampled_without_an_eos_it_did_not_sample():
+    rm = RewardModel(tiny_gpt(32)).eval()
+    gen = generation([[4, 5, EOS, PAD], [4, 5, 6, 7], [9, EOS]])
+    got = reward_model_reward(rm)(gen, None)
+    with torch.no_grad():
+        alone = [rm(torch.tensor([[1, 1] + r])).item() for r in ([4, 5, EOS], [4, 5, 6, 7], [9, EOS])]
+    assert got.tolist() == pytest.approx(alone, abs=1e-5)
+
+
+def test_mean_and_standard_error_by_hand():
+    values = [1.0, 0.0, 0.0, 1.0, 1.0]
+    mean, se = mean_se(values)
+    assert mean == 0.6 and se == pytest.approx(math.sqrt(0.3 / 5))  # sample variance 0.3
+    assert mean_se([0.25]) == (0.25, 0.0)
+
+
+def test_summarize_every_metric_from_per_sample_values():
+    per = {"greedy_correct": [[1.0], [0.0], [0.0]],
+           "correct": [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]],
+           "score": [[1.0, 0.5, 0.25, 1.0], [0.0, 0.0, 0.25, 0.0], [0.5, 1.0, 0.0, 0.0]],
+           "remark": [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]],
+           "truncated": [[0.0] * 4, [1.0, 1.0, 0.0, 0.0], [0.0] * 4],
+           "response_len": [[2.0] * 4, [24.0, 24.0, 3.0, 3.0], [4.0] * 4],
+           "kl": [[0.5, 0.1, 0.2, 0.2], [0.0] * 4, [1.0] * 4], "rm_score": [[], [], []]}
+    out = summarize(per, ["a", "b", "a"])
+    assert out["greedy_accuracy"]["mean"] == pytest.approx(1 / 3)
+    assert out["sampled_accuracy"]["mean"] == pytest.approx((0.5 + 0 + 0.25) / 3)
+    assert out["pass_at_k"]["mean"] == pytest.approx(2 / 3)
+    assert out["true_score"]["mean"] == pytest.approx((0.6875 + 0.0625 + 0.375) / 3)
+    assert out["remarks"]["mean"] == pytest.approx((0.25 + 0 + 0.5) / 3)
+    assert out["truncated"]["mean"] == pytest.approx(0.5 / 3) and out["kl"]["mean"] == pytest.approx((0.25 + 0 + 1) / 3)
+    assert out["sampled_accuracy"]["se"] == pytest.approx(statistics.stdev([0.5, 0.0, 0.25]) / math.sqrt(3))
+    assert "rm_score" not in out  # not measured
+    assert out["by_task"]["a"]["greedy_accuracy"]["mean"] == 0.5 and out["n_prompts"] == 3
+
+
+def test_the_paired_gain_and_the_spread_over_seeds():
+    before = {"per_prompt": {"greedy_accuracy": [1.0, 0.0, 0.0, 1.0]}}
+    after = {"per_prompt": {"greedy_accuracy": [1.0, 1.0, 0.0, 1.0]}}
+    g = gain(before, after)
+    assert g["mean"] == 0.25 and g["se"] == pytest.approx(statistics.stdev([0, 1, 0, 0]) / 2)
+    runs = [{"greedy_accuracy": {"mean": m, "se": 0.1}} for m in (0.4, 0.5, 0.6)]
+    assert over_seeds(runs)["greedy_accuracy"] == pytest.approx({"mean": 0.5, "sd": 0.1})
+
+
+def test_evaluate_policy_measures_a_model_against_itself_as_kl_0(bpe_tok):
+    model = tiny_gpt(bpe_tok.vocab_size, block_size=128)
+    examples = tasks.ppo_prompts(n_train=0, n_test=6)[1]
+    out = evaluate_policy(model, bpe_tok, examples, k=2, max_new_tokens=5, with_kl=True,
+                          reference=tiny_gpt(bpe_tok.vocab_size, block_size=128))  # the same weights (the same seed)
+    assert out["kl"]["mean"] == pytest.approx(0.0, abs=1e-6) and out["k"] == 2 and len(out["greedy_answers"]) == 6
+    assert set(out["by_task"]) == {ex["task"] for ex in examples}
+    assert all(len(v) == 6 for v in out["per_prompt"].values())
