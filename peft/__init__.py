@@ -7,11 +7,13 @@
     with peft.disable_adapters(model): ...      # the base model's outputs, without a second copy in memory
     peft.save_adapter(model, "adapter.safetensors"); peft.load_adapter(base_model, "adapter.safetensors")
     peft.unload(model)                          # the original modules back
-    peft.merge_and_unload(model)                # LoRA and IA3: a plain GPT with the update folded in
+    peft.merge_and_unload(model)                # LoRA, DoRA, IA3, BitFit: a plain GPT with the update folded in
     with peft.task_ids(model, [2, 0]): ...      # prompt methods: row b uses task ids[b]'s prompt (mixed-task batch)
+    peft.save_hf_adapter(model, "folder")       # huggingface peft's format (adapter_config.json + safetensors)
+    peft.load_hf_adapter(base_model, "folder")  # and back (see peft/hf.py for what maps and what is refused)
 
-The methods: BitFit, Prompt Tuning, P-Tuning (v1), Prefix-Tuning, P-Tuning v2, LoRA, IA3 and Houlsby adapters.
-This package is imported as ``peft``, like Hugging Face's: do not install both into one environment.
+The methods: BitFit, Prompt Tuning, P-Tuning (v1), Prefix-Tuning, P-Tuning v2, LoRA (and DoRA), IA3 and Houlsby
+adapters. This package is imported as ``peft``, like Hugging Face's: do not install both into one environment.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import torch.nn as nn
 
 from minigpt.files import atomic_write
 
-from . import adapter, bitfit, ia3, lora, p_tuning, prefix_tuning, prompt_tuning
+from . import adapter, base, bitfit, ia3, lora, p_tuning, prefix_tuning, prompt_tuning
 from .adapter import AdapterConfig
-from .base import AdapterLayer
+from .base import AdapterLayer, Float32Adapter
 from .bitfit import BitFitConfig
 from .ia3 import IA3Config
 from .lora import LoraConfig
@@ -63,18 +65,24 @@ __all__ = [
     "disable_adapters",
     "get_peft_model",
     "load_adapter",
+    "load_hf_adapter",
     "merge",
     "merge_and_unload",
     "save_adapter",
+    "save_hf_adapter",
     "task_ids",
     "unload",
     "unmerge",
 ]
 
 
-def get_peft_model(model: nn.Module, config) -> nn.Module:
+def get_peft_model(model: nn.Module, config, fp32_adapter: bool = False) -> nn.Module:
     """Patch model in place with the method config describes, freeze everything the method does not train,
-    and return the model (the same object)."""
+    and return the model (the same object).
+
+    fp32_adapter: the method's own tensors are made float32 and stay float32 when the model is cast later
+    (``model.to(torch.bfloat16)``), as huggingface peft keeps them; the frozen base follows the cast. Tensors of the
+    base trained in place (BitFit's biases, adapters' LayerNorms) are the base's and follow it."""
     if type(config) not in METHODS:
         raise TypeError(f"expected one of {[c.__name__ for c in METHODS]}, got {type(config).__name__}")
     if getattr(model, "peft_config", None) is not None:
@@ -92,6 +100,11 @@ def get_peft_model(model: nn.Module, config) -> nn.Module:
         for p, flag in was_trainable.items():
             p.requires_grad_(flag)
         raise
+    if fp32_adapter:
+        for m in model.modules():
+            if isinstance(m, Float32Adapter):
+                m.keep_float32 = True
+                m.to_float32()
     model.peft_config = config
     return model
 
@@ -114,7 +127,7 @@ def _method_module(model):
 
 
 def can_merge(model: nn.Module) -> bool:
-    """Whether the model carries a method whose update folds into the base weights (LoRA, IA3)."""
+    """Whether the model carries a method whose update folds into the base weights (LoRA, DoRA, IA3)."""
     config = getattr(model, "peft_config", None)
     return config is not None and hasattr(METHODS[type(config)], "merge")
 
@@ -123,7 +136,8 @@ def merge(model: nn.Module) -> None:
     """Fold the method's update into the base weights (LoRA, IA3): same outputs, no extra inference cost."""
     module = _method_module(model)
     if not hasattr(module, "merge"):
-        raise ValueError(f"{model.peft_config.method!r} cannot be merged into the base weights (only LoRA and IA3)")
+        raise ValueError(f"{model.peft_config.method!r} cannot be merged into the base weights "
+                         "(only LoRA, DoRA and IA3)")
     module.merge(model)
 
 
@@ -131,45 +145,54 @@ def unmerge(model: nn.Module) -> None:
     """Undo ``merge``: the base weights return to their values before it."""
     module = _method_module(model)
     if not hasattr(module, "unmerge"):
-        raise ValueError(f"{model.peft_config.method!r} cannot be merged into the base weights (only LoRA and IA3)")
+        raise ValueError(f"{model.peft_config.method!r} cannot be merged into the base weights "
+                         "(only LoRA, DoRA and IA3)")
     module.unmerge(model)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes what its base model computes (PPO uses this as the reference model)."""
-    module = _method_module(model)
-    if hasattr(module, "disable"):  # a method without wrapper layers (BitFit) swaps its tensors itself
-        with module.disable(model):
-            yield model
-        return
+    """Within the block the model computes what its base model computes (PPO uses this as the reference model):
+    every wrapper layer is switched off and every tensor trained in place is swapped for its original. Blocks may
+    be nested: leaving the inner one leaves the adapters off until the outer one ends."""
+    _method_module(model)
     layers = adapter_layers(model)
     if any(layer.merged for layer in layers):
         raise ValueError("disable_adapters on a merged model: call peft.unmerge(model) first")
+    previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
     try:
-        yield model
+        with base.originals_swapped_in(model):
+            yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove the method: unmerge if merged, put the original modules back, make every parameter trainable."""
+    """Remove the method: unmerge if merged, put the original modules and tensors back, make every parameter
+    trainable."""
     module = _method_module(model)
-    if hasattr(module, "unload"):
+    if hasattr(module, "unload"):  # what the method adds besides wrapper layers (the prefix encoder)
         module.unload(model)
-    else:
-        _put_base_modules_back(model, unmerge=True)
+    _put_base_modules_back(model, unmerge=True)
+    base.restore_originals(model)
     return _plain(model)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """LoRA, IA3: fold the update into the base weights for good and put the plain modules back. The result is a
-    plain GPT with the fine-tuned model's outputs and the base model's cost; the adapter cannot be taken out again."""
-    merge(model)
+    """LoRA, DoRA, IA3: fold the update into the base weights for good and put the plain modules back; BitFit: keep
+    the trained biases (they are the base's own tensors). The result is a plain GPT with the fine-tuned model's
+    outputs and the base model's cost; the adapter cannot be taken out again."""
+    module = _method_module(model)
+    if hasattr(module, "merge"):
+        merge(model)
+    elif not getattr(module, "TRAINS_BASE_TENSORS_ONLY", False):
+        raise ValueError(f"{model.peft_config.method!r} cannot be merged into the base weights (only LoRA, DoRA, "
+                         "IA3 and BitFit can be merged and unloaded)")
     _put_base_modules_back(model, unmerge=False)
+    base.keep_trained_values(model)
     return _plain(model)
 
 
@@ -195,8 +218,10 @@ _BASE_SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "layou
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors the method trains, by name (only these are saved)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """The tensors the method owns, by name (only these are saved), whether or not they require gradients now."""
+    _method_module(model)
+    owned = base.owned_names(model)
+    return {n: p.detach() for n, p in model.named_parameters() if n in owned}
 
 
 def save_adapter(model: nn.Module, path) -> None:
@@ -223,28 +248,33 @@ def read_adapter_config(path):
     return CONFIGS[meta["method"]](**json.loads(meta["config"])), json.loads(meta["base"])
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
+def load_adapter(model: nn.Module, path, fp32_adapter: bool = False) -> nn.Module:
     """Apply the method saved in path to model (a plain GPT, or one already patched with the same config) and load
-    its tensors. A file saved for a base model of another shape is refused."""
+    its tensors. A file saved for a base model of another shape is refused. fp32_adapter: as in get_peft_model."""
     from safetensors.torch import load_file
 
-    config, base = read_adapter_config(path)
+    config, saved_for = read_adapter_config(path)
     mine = {k: getattr(model.config, k) for k in _BASE_SHAPE}
-    if base != mine:
-        diff = {k: (base[k], mine[k]) for k in base if base[k] != mine.get(k)}
+    if saved_for != mine:
+        diff = {k: (saved_for[k], mine[k]) for k in saved_for if saved_for[k] != mine.get(k)}
         raise ValueError(f"{path} was saved for another base model; (saved, this model) differ in {diff}")
+    return apply_with_tensors(model, config, load_file(str(path)), path, fp32_adapter)
+
+
+def apply_with_tensors(model: nn.Module, config, tensors: dict, source, fp32_adapter: bool = False) -> nn.Module:
+    """Apply config to model (unless it carries it already) and copy tensors, named as adapter_state_dict names
+    them, into the method's tensors; the names and shapes must match exactly. source names the file in errors."""
     if getattr(model, "peft_config", None) is None:
-        get_peft_model(model, config)
+        get_peft_model(model, config, fp32_adapter=fp32_adapter)
     elif model.peft_config != config:
-        raise ValueError(f"the model carries {model.peft_config}, but {path} holds {config}")
+        raise ValueError(f"the model carries {model.peft_config}, but {source} holds {config}")
     if any(layer.merged for layer in adapter_layers(model)):
-        raise ValueError("load_adapter into a merged model: call peft.unmerge(model) first")
-    tensors = load_file(str(path))
+        raise ValueError("loading an adapter into a merged model: call peft.unmerge(model) first")
     params = dict(model.named_parameters())
     expected = set(adapter_state_dict(model))
     if set(tensors) != expected:
         raise ValueError(
-            f"{path} holds tensors {sorted(set(tensors) - expected)[:5]} the model lacks, "
+            f"{source} holds tensors {sorted(set(tensors) - expected)[:5]} the model lacks, "
             f"and lacks {sorted(expected - set(tensors))[:5]}"
         )
     with torch.no_grad():
@@ -253,3 +283,6 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                 raise ValueError(f"tensor {name!r}: file has shape {tuple(t.shape)}, model {tuple(params[name].shape)}")
             params[name].copy_(t)
     return model
+
+
+from .hf import load_hf_adapter, save_hf_adapter  # noqa: E402  (hf uses the functions above)

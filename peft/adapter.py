@@ -20,9 +20,12 @@ code. Near-identity initialisation: W_down is drawn from a normal distribution w
 ``init_scale`` (1e-3, truncated at two standard deviations, as in the authors' code); W_up and both biases start at
 zero, so the adapter is exactly the identity at the start while W_up receives gradients at once.
 
-The paper also trains the LayerNorm parameters; this implementation trains the adapters only (a LayerNorm that a
-method trains directly could not be switched off by ``peft.disable_adapters``). Adapters are nonlinear, so they
-cannot be merged into the base weights.
+The paper also trains the layer normalisation parameters (Figure 2: the trained layers are the adapters and the
+layer norms): ``train_layernorm=True`` does so, for every LayerNorm of the model (each block's ln_1 and ln_2, and the
+final ln_f). It is off by default (the adapters alone train). The LayerNorms are the base's
+own tensors, trained in place: a frozen copy of each is kept (``base.train_in_place``), so ``peft.disable_adapters``
+still gives the base model and ``peft.unload`` restores it. Adapters are nonlinear, so they cannot be merged into
+the base weights.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn as nn
 
 from minigpt.options import option
 
-from .base import AdapterLayer
+from .base import AdapterLayer, train_in_place
 
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(approximate="tanh"),
@@ -48,7 +51,8 @@ PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
 class AdapterConfig:
     """reduction_factor: d / m, the bottleneck is m = n_embd // reduction_factor wide; non_linearity: f, one of
     ACTIVATIONS; placement: "houlsby" (after attention and after the MLP) or "pfeiffer" (after the MLP only);
-    init_scale: standard deviation of W_down's truncated normal initialisation."""
+    init_scale: standard deviation of W_down's truncated normal initialisation; train_layernorm: also train every
+    LayerNorm's gain and bias, as the paper does."""
 
     method = "adapter"
 
@@ -56,6 +60,7 @@ class AdapterConfig:
     non_linearity: str = option("gelu", "adapters: the bottleneck's nonlinearity (gelu, relu, swish, tanh)")
     placement: str = option("houlsby", "adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP)")
     init_scale: float = option(1e-3, "adapters: std of W_down's truncated normal initialisation")
+    train_layernorm: bool = option(False, "adapters: also train the LayerNorms (Houlsby et al. do)")
 
     def __post_init__(self):
         rf = self.reduction_factor
@@ -70,6 +75,8 @@ class AdapterConfig:
         scale = self.init_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"AdapterConfig.init_scale must be a positive number, got {self.init_scale!r}")
+        if not isinstance(self.train_layernorm, bool):
+            raise ValueError(f"AdapterConfig.train_layernorm must be True or False, got {self.train_layernorm!r}")
 
 
 class BottleneckAdapter(AdapterLayer):
@@ -91,11 +98,13 @@ class BottleneckAdapter(AdapterLayer):
         h = self.base(*args, **kwargs)  # the sub-layer's output: (B, T, d)
         if self.disabled:
             return h
-        return h + self.adapter_up(self.act(self.adapter_down(h)))  # (B, T, d) -> (B, T, m) -> (B, T, d)
+        z = h.to(self.adapter_down.weight.dtype)  # the adapter's own dtype (float32 with fp32_adapter)
+        return h + self.adapter_up(self.act(self.adapter_down(z))).to(h.dtype)  # (B, T, d) -> (B, T, m) -> (B, T, d)
 
 
 def apply(model: nn.Module, config: AdapterConfig) -> None:
-    """Wrap each block's attn and/or mlp (per ``placement``) in a BottleneckAdapter; only the adapters train."""
+    """Wrap each block's attn and/or mlp (per ``placement``) in a BottleneckAdapter; only the adapters train (and,
+    with train_layernorm, the LayerNorms)."""
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ValueError("the model already carries PEFT layers; call peft.unload(model) before adding adapters")
     d = model.config.n_embd
@@ -109,3 +118,7 @@ def apply(model: nn.Module, config: AdapterConfig) -> None:
         for part in PLACEMENTS[config.placement]:
             adapter = BottleneckAdapter(getattr(block, part), d, m, config.non_linearity, config.init_scale)
             setattr(block, part, adapter)  # block.attn or block.mlp, now returning adapter(sub-layer output)
+    if config.train_layernorm:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                train_in_place(m, ["weight", "bias"])  # gain and bias, each with a frozen copy of the original

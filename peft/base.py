@@ -3,15 +3,53 @@
 A method patches a GPT in place by replacing some of its modules with an ``AdapterLayer`` that holds the original
 module as ``base`` and adds the method's computation. Setting ``disabled`` makes the layer behave exactly like
 ``base`` (used by ``peft.disable_adapters``); ``peft.unload`` puts every ``base`` back.
+
+A method may also train some of the base model's own tensors in place (BitFit its biases, Houlsby adapters
+optionally the LayerNorms). ``train_in_place`` keeps a frozen copy of each such tensor (a non-persistent buffer named
+``peft_original_<name>`` on its module), so that ``peft.disable_adapters`` can swap the originals in and
+``peft.unload`` can put them back.
+
+What a method owns (what ``peft.save_adapter`` writes) is found from the structure, never from ``requires_grad``:
+the parameters of every AdapterLayer outside its ``base``, those of a module marked ``peft_module = True`` (the
+prefix encoder, shared by the layers), and the tensors trained in place.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
+ORIGINAL = "peft_original_"  # prefix of the buffer holding the frozen copy of a tensor trained in place
 
-class AdapterLayer(nn.Module):
+
+class Float32Adapter:
+    """A mixin for a module holding a method's tensors: with ``keep_float32`` set (``get_peft_model(...,
+    fp32_adapter=True)``) its own tensors stay float32 when the model is cast (``model.to(torch.bfloat16)``), as
+    huggingface peft keeps adapter weights by default; the base module (``base``) follows the cast as usual. The
+    method's forward casts its input to its tensors' dtype and its result back to the model's."""
+
+    keep_float32 = False
+
+    def own_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("base.")]
+
+    def to_float32(self) -> None:
+        for p in self.own_parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # device and dtype for everything, the base included
+        if self.keep_float32:
+            self.to_float32()  # then this module's own tensors back to float32 (the device change stays)
+        return self
+
+
+class AdapterLayer(Float32Adapter, nn.Module):
     """A module that wraps ``base`` (the original module) and adds a PEFT method's computation.
 
     Subclasses implement ``forward`` and must return ``self.base(...)``'s result unchanged when ``self.disabled``.
@@ -143,3 +181,67 @@ def find_modules(model: nn.Module, targets, module_type=nn.Module) -> list[str]:
             )
         found.extend(h for h in hits if h not in found)
     return found
+
+
+# -- tensors of the base model trained in place -----------------------------------------------------------------
+
+
+def train_in_place(module: nn.Module, names) -> None:
+    """Make module's parameters ``names`` trainable, keeping a frozen copy of each as a non-persistent buffer (it
+    follows the module across devices and dtypes). A missing parameter (None, e.g. a LayerNorm without bias) is
+    skipped."""
+    for name in names:
+        p = getattr(module, name)
+        if p is None:
+            continue
+        module.register_buffer(ORIGINAL + name, p.detach().clone(), persistent=False)
+        p.requires_grad_(True)
+
+
+def trained_in_place(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, parameter name) of every base tensor a method trains in place."""
+    return [(name, m, b[len(ORIGINAL) :]) for name, m in model.named_modules()
+            for b, _ in m.named_buffers(recurse=False) if b.startswith(ORIGINAL)]
+
+
+@contextlib.contextmanager
+def originals_swapped_in(model: nn.Module):
+    """Within the block every tensor trained in place is replaced by its original (a frozen Parameter sharing the
+    saved copy's memory). The trained Parameter objects are put back afterwards, untouched: swapping objects instead
+    of copying values leaves autograd graphs built before the block valid. Nested blocks are fine."""
+    entries = trained_in_place(model)
+    trained = [getattr(m, p) for _, m, p in entries]
+    try:
+        for _, m, p in entries:
+            setattr(m, p, nn.Parameter(getattr(m, ORIGINAL + p), requires_grad=False))
+        yield model
+    finally:
+        for (_, m, p), tensor in zip(entries, trained):
+            setattr(m, p, tensor)
+
+
+def restore_originals(model: nn.Module) -> None:
+    """Copy the originals back into the trained Parameters and drop the saved copies (``peft.unload``)."""
+    with torch.no_grad():
+        for _, m, p in trained_in_place(model):
+            getattr(m, p).copy_(getattr(m, ORIGINAL + p))
+            delattr(m, ORIGINAL + p)
+
+
+def keep_trained_values(model: nn.Module) -> None:
+    """Drop the saved originals and keep the trained values for good (``peft.merge_and_unload`` of BitFit)."""
+    for _, m, p in trained_in_place(model):
+        delattr(m, ORIGINAL + p)
+
+
+def owned_names(model: nn.Module) -> set[str]:
+    """Names (as in model.named_parameters()) of every tensor the method owns; see the module docstring."""
+    names = set()
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, AdapterLayer):
+            names |= {prefix + n for n, _ in m.named_parameters() if not n.startswith("base.")}
+        elif getattr(m, "peft_module", False):
+            names |= {prefix + n for n, _ in m.named_parameters()}
+    names |= {(f"{name}." if name else "") + p for name, _, p in trained_in_place(model)}
+    return names

@@ -18,25 +18,24 @@ Config choice: the paper's b_LN are LayerNorm biases, so by default every bias i
 (the final ln_f too); ``include_layernorm=False`` trains the Linear biases only. The LayerNorm gains g stay frozen.
 
 BitFit trains the base model's own tensors, so there are no wrapper layers. ``apply`` keeps a frozen copy of each
-selected original bias (a non-persistent buffer on its module: biases are tiny, and the copy follows the module
-across devices and dtypes); ``disable`` swaps the originals in for the duration of a ``with`` block and ``unload``
-copies them back for good.
+selected original bias (``base.train_in_place``: a non-persistent buffer on its module; biases are tiny, and the
+copy follows the module across devices and dtypes); ``peft.disable_adapters`` swaps the originals in for the
+duration of a ``with`` block and ``peft.unload`` copies them back for good. The trained biases simply are weights of
+the base model, so ``peft.merge_and_unload`` only drops the saved originals: a plain GPT with the trained biases.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
 from minigpt.options import option
 
-from .base import find_modules, name_list
+from .base import find_modules, name_list, train_in_place, trained_in_place
 
 REDUCED_TARGETS = ["attn.query", "mlp.fc"]  # the paper's b_q and b_m2
-ORIGINAL = "bitfit_original_bias"  # name of the buffer holding the frozen copy of a module's original bias
+TRAINS_BASE_TENSORS_ONLY = True  # peft.merge_and_unload keeps the trained biases and drops the originals
 
 
 @dataclass
@@ -82,41 +81,7 @@ def selected_modules(model: nn.Module, config: BitFitConfig) -> list[str]:
 
 def apply(model: nn.Module, config: BitFitConfig) -> None:
     """Make the selected biases trainable (everything else was frozen by get_peft_model), keeping their originals."""
-    if any(hasattr(m, ORIGINAL) for m in model.modules()):
+    if trained_in_place(model):
         raise ValueError("the model already carries BitFit; call peft.unload(model) first")
-    names = selected_modules(model, config)
-    for name in names:
-        module = model.get_submodule(name)
-        module.register_buffer(ORIGINAL, module.bias.detach().clone(), persistent=False)
-        module.bias.requires_grad_(True)
-
-
-def _patched(model: nn.Module) -> list[nn.Module]:
-    modules = [m for m in model.modules() if hasattr(m, ORIGINAL)]
-    if not modules:
-        raise ValueError("the model carries no BitFit biases")
-    return modules
-
-
-@contextlib.contextmanager
-def disable(model: nn.Module):
-    """Within the block every trained bias is replaced by its original (a frozen Parameter sharing the saved copy's
-    memory). The trained Parameter objects are put back afterwards, untouched: swapping objects instead of copying
-    values leaves autograd graphs built before the block valid."""
-    modules = _patched(model)
-    trained = [m.bias for m in modules]
-    try:
-        for m in modules:
-            m.bias = nn.Parameter(getattr(m, ORIGINAL), requires_grad=False)
-        yield model
-    finally:
-        for m, bias in zip(modules, trained):
-            m.bias = bias
-
-
-def unload(model: nn.Module) -> None:
-    """Copy the original biases back into the model's bias Parameters and drop the saved copies."""
-    with torch.no_grad():
-        for m in _patched(model):
-            m.bias.copy_(getattr(m, ORIGINAL))
-            delattr(m, ORIGINAL)
+    for name in selected_modules(model, config):
+        train_in_place(model.get_submodule(name), ["bias"])

@@ -71,9 +71,10 @@ class IA3Linear(MergeableLayer):
     def forward(self, x):
         if self.disabled or self.merged:  # merged: W already holds the scaling
             return self.base(x)
-        if self.scale_input:
-            return self.base(x * self.vector)  # (..., in) ⊙ (in,) -> (..., out)
-        return self.base(x) * self.vector  # (..., out) ⊙ (out,)
+        if self.scale_input:  # computed in the wider of the two dtypes, then back to the model's
+            return self.base((x * self.vector).to(x.dtype))  # (..., in) ⊙ (in,) -> (..., out)
+        h = self.base(x)
+        return (h * self.vector).to(h.dtype)  # (..., out) ⊙ (out,)
 
     def merged_parameters(self):
         W, b, l = self.base.weight, self.base.bias, self.vector  # W: (out, in)

@@ -11,13 +11,22 @@ holds K_prefix^l, V_prefix^l (n, C) and attends over them in front of the real k
 
     head = softmax(q [K_prefix; K]^T / sqrt(d_k)) [V_prefix; V]
 
-where every real query sees every prefix position and the real part stays causal. The prefix takes no positions:
-real tokens keep theirs and the context does not shrink. P_theta holds n * n_layer * 2 * C numbers.
+where every real query sees every prefix position and the real part stays causal. P_theta holds n * n_layer * 2 * C
+numbers.
+
+Positions. By default the prefix takes no positions: real tokens keep 0..T-1 and the context does not shrink. Li &
+Liang's code and huggingface peft put the prefix in the key-value cache in front of the input instead, so GPT-2 gives
+the real tokens positions n..n+T-1 (the prefix "occupies" 0..n-1). ``shift_positions=True`` is that convention: the
+real tokens get positions n..n+T-1 (the usable context becomes block_size - n). A prefix trained under one
+convention computes something else under the other, so a prefix meant for huggingface peft is trained with it on
+(``peft.save_hf_adapter`` refuses a prefix trained without it).
 
 Reparameterisation (Section 4.3). Optimising P_theta directly is unstable, so the paper trains a smaller matrix
 P'_theta (n, d') and a large MLP, P_theta[i, :] = MLP_theta(P'_theta[i, :]), with the MLP's output of width
-n_layer * 2 * C cut into each layer's key and value. After training only P_theta is kept: ``export(model)`` stores
-the computed prefix as plain per-layer parameters and drops P' and the MLP, with identical outputs.
+n_layer * 2 * C cut into each layer's key and value. The MLP runs once per forward pass of the model, for all layers
+at once: hooks on ``model.encoder`` open a cache when the pass starts and close it when it ends, and every layer
+reads its key and value from that one output. After training only P_theta is kept: ``export(model)`` stores the
+computed prefix as plain per-layer parameters and drops P' and the MLP, with identical outputs.
 
 P-Tuning v2 ("deep prompt tuning") is the same mechanism with continuous prompts in every layer and, by default, no
 reparameterisation; ``PTuningV2Config`` only changes that default. With num_tasks = K every prefix is (K, n, C) and
@@ -31,11 +40,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minigpt.options import option
 
-from .base import AdapterLayer
+from .base import AdapterLayer, Float32Adapter
 from .prompt_tuning import check_int, select_tasks
 
 
@@ -43,7 +51,9 @@ from .prompt_tuning import check_int, select_tasks
 class PrefixTuningConfig:
     """num_virtual_tokens: the prefix length n. prefix_projection: train through P' and an MLP (Section 4.3).
     prefix_dim: d', the width of P' (None: n_embd, as in the authors' code). encoder_hidden_size: the MLP's hidden
-    width (None: n_embd; the paper used 512 and 800). num_tasks: prefixes held for mixed-task batches."""
+    width (None: n_embd; the paper used 512 and 800). num_tasks: prefixes held for mixed-task batches.
+    shift_positions: real tokens at positions n..n+T-1 behind the prefix, as in huggingface peft and Li & Liang's
+    code (default: the prefix takes no positions)."""
 
     method = "prefix_tuning"
     num_virtual_tokens: int = option(20, "prompt methods: the number n of virtual tokens")
@@ -53,13 +63,16 @@ class PrefixTuningConfig:
     encoder_hidden_size: int | None = option(None, "p-tuning, prefix-tuning: the encoder's hidden width "
                                              "(none: n_embd)")
     num_tasks: int = option(1, "prompt methods: prompts held for mixed-task batches")
+    shift_positions: bool = option(False, "prefix-tuning: real tokens at positions n..n+T-1 behind the prefix "
+                                   "(huggingface peft's convention)")
 
     def __post_init__(self):
         name = type(self).__name__
         check_int(name, "num_virtual_tokens", self.num_virtual_tokens)
         check_int(name, "num_tasks", self.num_tasks)
-        if not isinstance(self.prefix_projection, bool):
-            raise ValueError(f"{name}.prefix_projection must be True or False, got {self.prefix_projection!r}")
+        for field in ("prefix_projection", "shift_positions"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{name}.{field} must be True or False, got {getattr(self, field)!r}")
         for field in ("prefix_dim", "encoder_hidden_size"):
             if getattr(self, field) is not None:
                 check_int(name, field, getattr(self, field))
@@ -73,28 +86,71 @@ class PTuningV2Config(PrefixTuningConfig):
     prefix_projection: bool = option(False, "prefix-tuning: train the prefix through P' and an MLP")
 
 
-class PrefixEncoder(nn.Module):
-    """P_theta = MLP_theta(P'_theta): P' (K, n, d') -> Linear -> tanh -> Linear -> (K, n, n_layer * 2 * C)."""
+class PrefixEncoder(Float32Adapter, nn.Module):
+    """P_theta = MLP_theta(P'_theta): P' (K, n, d') -> Linear -> tanh -> Linear -> (K, n, n_layer * 2 * C).
+
+    ``start_pass`` and ``end_pass`` are hooks on the model's encoder: between them the MLP's output is computed at the
+    first layer's request and shared by all layers (one MLP pass per forward pass). Outside a pass (a layer called on
+    its own, ``export``) each call computes it afresh."""
+
+    peft_module = True  # its parameters are the method's (peft.save_adapter), though it is no AdapterLayer
 
     def __init__(self, config: PrefixTuningConfig, n_layer: int, n_embd: int, device=None):
         super().__init__()
         K, n, C = config.num_tasks, config.num_virtual_tokens, n_embd
         d, H = config.prefix_dim or n_embd, config.encoder_hidden_size or n_embd
-        self.n_embd = C
+        self.n_layer, self.n_embd = n_layer, C
         self.embedding = nn.Parameter(torch.randn(K, n, d, device=device))  # P'
         self.mlp = nn.Sequential(
             nn.Linear(d, H, device=device), nn.Tanh(), nn.Linear(H, n_layer * 2 * C, device=device)
         )
+        self.cache = None  # {} during a forward pass of the model; holds "kv" once computed
+
+    def table(self) -> torch.Tensor:
+        """The whole prefix P_theta of every task, (K, n, n_layer, 2, C): one pass of the MLP."""
+        K, n = self.embedding.shape[:2]
+        return self.mlp(self.embedding).view(K, n, self.n_layer, 2, self.n_embd)  # laid out (layer, key/value, C)
 
     def forward(self, layer: int):
-        """Layer l's key and value prefixes, (K, n, C) each: only that layer's 2C rows of the last Linear are used,
-        so the n_layer layers together cost one pass of the MLP."""
-        C = self.n_embd
-        hidden = self.mlp[1](self.mlp[0](self.embedding))  # (K, n, H)
-        out = self.mlp[2]
-        rows = slice(2 * C * layer, 2 * C * (layer + 1))  # the output is laid out (n_layer, key/value, C)
-        kv = F.linear(hidden, out.weight[rows], out.bias[rows])  # (K, n, 2C)
-        return kv[..., :C], kv[..., C:]
+        """Layer l's key and value prefixes, (K, n, C) each."""
+        if self.cache is None:
+            kv = self.table()
+        else:
+            if "kv" not in self.cache:
+                self.cache["kv"] = self.table()
+            kv = self.cache["kv"]
+        return kv[:, :, layer, 0], kv[:, :, layer, 1]
+
+    def start_pass(self, module, args):  # a forward pre-hook on model.encoder
+        self.cache = {}
+
+    def end_pass(self, module, args, output):  # a forward hook on model.encoder (always called, errors included)
+        self.cache = None
+
+
+class ShiftedPositions(AdapterLayer):
+    """The input layer with every real token's position moved n on (``shift_positions``): position_ids + n, so the
+    prefix occupies positions 0..n-1 as in huggingface peft. The usable context is block_size - n tokens."""
+
+    def __init__(self, base: nn.Module, n: int, block_size: int):
+        super().__init__(base)
+        self.prefix_length, self.block_size = n, block_size
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions the prefix occupies now (0 while disabled); generation keeps its window that much shorter."""
+        return 0 if self.disabled else self.prefix_length
+
+    def forward(self, idx, position_ids, inputs_embeds=None, past_length=0):
+        if self.disabled:
+            return self.base(idx, position_ids, inputs_embeds=inputs_embeds, past_length=past_length)
+        n, T = self.prefix_length, position_ids.size(1)
+        if past_length + T + n > self.block_size:
+            raise ValueError(
+                f"input of {past_length + T} tokens is too long: with shift_positions the prefix occupies positions "
+                f"0..{n - 1}, leaving block_size - num_virtual_tokens = {self.block_size - n} for the input"
+            )
+        return self.base(idx, position_ids + n, inputs_embeds=inputs_embeds, past_length=past_length)
 
 
 class PrefixAttention(AdapterLayer):
@@ -145,27 +201,49 @@ class PrefixAttention(AdapterLayer):
 
 
 def apply(model: nn.Module, config: PrefixTuningConfig) -> None:
-    """Wrap every block's attention; the prefixes (or P' and the MLP) are the only trainable tensors."""
+    """Wrap every block's attention (and with shift_positions the input layer); the prefixes (or P' and the MLP)
+    are the only trainable tensors."""
     blocks = model.encoder.blocks
     for i, block in enumerate(blocks):
         if isinstance(block.attn, AdapterLayer) or not hasattr(block.attn, "qkv"):
             raise ValueError(f"block {i}'s attention is already patched; call peft.unload(model) first")
+    n = config.num_virtual_tokens
+    if config.shift_positions:
+        if isinstance(model.input_layer, AdapterLayer):
+            raise ValueError("the model's input layer is already patched; call peft.unload(model) first")
+        if n >= model.config.block_size:
+            raise ValueError(f"{type(config).__name__}.num_virtual_tokens ({n}) must be smaller than the model's "
+                             f"block_size ({model.config.block_size}) with shift_positions")
     encoder = None
     if config.prefix_projection:
         device = model.input_layer.wte.weight.device
         encoder = PrefixEncoder(config, len(blocks), model.config.n_embd, device=device)
         model.prefix_encoder = encoder
+        model.encoder.register_forward_pre_hook(encoder.start_pass)
+        model.encoder.register_forward_hook(encoder.end_pass, always_call=True)
     for i, block in enumerate(blocks):
         block.attn = PrefixAttention(block.attn, config, i, encoder)
+    if config.shift_positions:
+        model.input_layer = ShiftedPositions(model.input_layer, n, model.config.block_size)
+
+
+def _drop_encoder(model: nn.Module) -> None:
+    """Remove the prefix encoder and its two hooks on model.encoder (found by owner: a deep copy of the model has
+    its own hooks, bound to its own encoder)."""
+    encoder = getattr(model, "prefix_encoder", None)
+    if encoder is None:
+        return
+    enc = model.encoder
+    for hooks in (enc._forward_pre_hooks, enc._forward_hooks):
+        for key in [k for k, hook in hooks.items() if getattr(hook, "__self__", None) is encoder]:
+            del hooks[key]
+            enc._forward_hooks_always_called.pop(key, None)
+    del model.prefix_encoder
 
 
 def unload(model: nn.Module) -> None:
-    """Put the original attention modules back and drop the prefix encoder."""
-    for block in model.encoder.blocks:
-        if isinstance(block.attn, PrefixAttention):
-            block.attn = block.attn.base
-    if hasattr(model, "prefix_encoder"):
-        del model.prefix_encoder
+    """Drop the prefix encoder; peft.unload then puts the original attention (and input) modules back."""
+    _drop_encoder(model)
 
 
 def export(model: nn.Module) -> nn.Module:
@@ -176,13 +254,13 @@ def export(model: nn.Module) -> nn.Module:
         raise TypeError(f"export needs a model patched with prefix tuning or p-tuning v2, got {type(config).__name__}")
     if not config.prefix_projection:
         return model  # already plain prefixes
-    for block in model.encoder.blocks:
+    with torch.no_grad():
+        table = model.prefix_encoder.table()  # (K, n, n_layer, 2, C)
+    for i, block in enumerate(model.encoder.blocks):
         layer = block.attn
-        with torch.no_grad():
-            k, v = layer.prefix()
-        layer.prefix_key = nn.Parameter(k.detach().clone())
-        layer.prefix_value = nn.Parameter(v.detach().clone())
+        layer.prefix_key = nn.Parameter(table[:, :, i, 0].clone())
+        layer.prefix_value = nn.Parameter(table[:, :, i, 1].clone())
         object.__setattr__(layer, "prefix_encoder", None)
-    del model.prefix_encoder
+    _drop_encoder(model)
     model.peft_config = dataclasses.replace(config, prefix_projection=False)
     return model

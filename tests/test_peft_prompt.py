@@ -160,13 +160,20 @@ def test_prompt_initialisations():
         ),
     )
     assert torch.equal(short.input_layer.prompt.weight[0], wte[[1, 2]])  # truncated to n
+    # "vocab": each virtual token starts as the embedding of a token drawn from the whole vocabulary. 20 tasks x 20
+    # tokens = 400 draws from 64 ids miss ~0.1 ids on average; drawing from part of the vocabulary misses many
+    torch.manual_seed(0)
     vocab = peft.get_peft_model(
-        copy.deepcopy(base), peft.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="vocab")
+        copy.deepcopy(base), peft.PromptTuningConfig(num_virtual_tokens=20, num_tasks=20, prompt_tuning_init="vocab")
     )
-    for row in vocab.input_layer.prompt.weight[0]:
-        assert (wte == row).all(-1).any()  # each virtual token starts as some token's embedding
-    rand = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(num_virtual_tokens=4))
-    assert rand.input_layer.prompt.weight.abs().max() <= 0.5
+    rows = vocab.input_layer.prompt.weight.reshape(-1, wte.size(1))
+    ids = [int((wte == row).all(-1).nonzero()[0]) for row in rows]  # each row is some token's embedding
+    assert len(set(ids)) >= 60 and max(ids) >= 60 and min(ids) <= 3
+    # "random": uniform in [-0.5, 0.5] (the paper's random-uniform ablation): mean 0, standard deviation 1/sqrt(12)
+    rand = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(num_virtual_tokens=20, num_tasks=20))
+    P = rand.input_layer.prompt.weight.detach()
+    assert P.abs().max() <= 0.5 and P.abs().max() > 0.49
+    assert abs(P.std().item() * math.sqrt(12) - 1) < 0.05 and abs(P.mean().item()) < 0.01
 
 
 @pytest.mark.parametrize("encoder", ["lstm", "mlp"])
@@ -332,7 +339,7 @@ def test_training_changes_only_the_method_tensors(name):
     model = peft.get_peft_model(base, CONFIGS[name]).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
-    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)  # decay would move tensors without a gradient
     x = torch.randint(0, V, (2, 8))
     _, loss = model(x[:, :-1], targets=x[:, 1:])
     loss.backward()
@@ -464,3 +471,189 @@ def test_bad_values_found_when_applied():
         prefix_tuning.export(patched(CONFIGS["prompt_tuning"])[1])
     with pytest.raises(ValueError, match="task_ids needs a model patched"), peft.task_ids(tiny(), [0]):
         pass
+
+
+# -- the adapter API for prompt methods (issue 18) -------------------------------------------------------------------
+
+
+@METHODS
+def test_save_adapter_ignores_requires_grad(name, tmp_path):
+    plain, model = patched(CONFIGS[name])
+    model.requires_grad_(False)
+    peft.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = peft.load_adapter(copy.deepcopy(plain).eval(), tmp_path / "a.safetensors")
+    x = torch.randint(0, V, (2, 6))
+    assert torch.equal(fresh(x)[0], model(x)[0])
+
+
+@METHODS
+def test_disable_adapters_nests(name):
+    plain, model = patched(CONFIGS[name])
+    x = torch.randint(0, V, (2, 6))
+    adapted = model(x)[0]
+    with peft.disable_adapters(model):
+        with peft.disable_adapters(model):
+            pass
+        assert torch.equal(model(x)[0], plain(x)[0])
+    assert torch.equal(model(x)[0], adapted)
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_prefix_reparameterisation_runs_once_per_forward_pass():
+    config = peft.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8)
+    base = tiny(n_layer=4)
+    model = peft.get_peft_model(base, config).eval()
+    calls = count_calls(model.prefix_encoder.mlp[0])
+    x = torch.randint(0, V, (2, 6))
+    model(x)
+    assert len(calls) == 1  # one MLP pass for all four layers
+    model.hidden_states(x)  # the reward model's and PPO's entry point
+    assert len(calls) == 2
+    model.generate(x, 5, temperature=0)  # five forward passes (a prompt, then four cached steps)
+    assert len(calls) == 7
+    with peft.disable_adapters(model):
+        model(x)
+    assert len(calls) == 7  # no prefix, no MLP
+    # the shared output is each layer's own slice: the logits equal the layers computed one by one
+    with torch.no_grad():
+        logits = model(x)[0]
+        P = model.prefix_encoder.table()[0]  # (n, L, 2, C)
+        h0 = base.input_layer.wte.weight[x] + base.input_layer.wpe.weight[:6]
+    plain = copy.deepcopy(model)
+    peft.unload(plain)
+    prefixes = [(P[:, l, 0].expand(2, -1, -1), P[:, l, 1].expand(2, -1, -1)) for l in range(4)]
+    torch.testing.assert_close(logits, forward_by_hand(plain, h0, prefixes), atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_training_shares_one_mlp_pass_and_a_copy_has_its_own_hooks():
+    config = peft.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8)
+    model = peft.get_peft_model(tiny(), config).train()
+    twin = copy.deepcopy(model)
+    calls, twin_calls = count_calls(model.prefix_encoder.mlp[0]), count_calls(twin.prefix_encoder.mlp[0])
+    x = torch.randint(0, V, (2, 8))
+    _, loss = model(x[:, :-1], targets=x[:, 1:])
+    loss.backward()
+    assert len(calls) == 1 and not twin_calls  # the copy's hooks are bound to the copy's encoder
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prefix_encoder.parameters())
+    twin(x)
+    assert len(twin_calls) == 1 and len(calls) == 1
+    with pytest.raises(ValueError):  # an error inside a pass closes it: the next call outside computes afresh
+        model(torch.randint(0, V, (1, 40)))
+    assert model.prefix_encoder.cache is None
+    peft.unload(model)
+    assert not model.encoder._forward_pre_hooks and not model.encoder._forward_hooks
+
+
+# -- dropout and initialisation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning_mlp"])
+def test_the_virtual_tokens_get_the_input_layers_dropout(name):
+    """In training, h_0 of the virtual tokens is dropout(P + W_p[0..n-1]): each entry either 0 or (P + W_p) / (1-p)."""
+    base = tiny(dropout=0.5)
+    model = peft.get_peft_model(base, CONFIGS[name]).train()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    torch.manual_seed(0)
+    model(torch.randint(0, V, (2, 6)))
+    virtual = seen[0][:, :4]  # (B, n, C)
+    with torch.no_grad():
+        clean = (model.input_layer.prompt()[0] + base.input_layer.base.wpe.weight[:4]).expand(2, -1, -1)
+    zero = virtual == 0
+    assert 0.3 < zero.float().mean() < 0.7
+    torch.testing.assert_close(virtual[~zero], (clean / 0.5)[~zero], atol=1e-6, rtol=1e-6)
+    model.eval()
+    seen.clear()
+    model(torch.randint(0, V, (2, 6)))
+    torch.testing.assert_close(seen[0][:, :4], clean, atol=1e-6, rtol=1e-6)
+
+
+def test_the_lstm_encoder_has_its_dropout_between_layers():
+    config = peft.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=8, encoder_dropout=0.5)
+    model = peft.get_peft_model(tiny(), config)
+    encoder = model.input_layer.prompt
+    assert encoder.lstm_head.dropout == 0.5 and encoder.lstm_head.num_layers == 2
+    encoder.train()
+    torch.manual_seed(0)
+    a, b = encoder(), encoder()
+    assert not torch.allclose(a, b)  # dropout: two training passes differ
+    encoder.eval()
+    h = encoder.embedding[0].detach()
+    mlp = encoder.mlp_head
+    by_hand = linear(torch.relu(linear(lstm_by_hand(h, encoder.lstm_head), mlp[0])), mlp[2])
+    torch.testing.assert_close(encoder()[0], by_hand, atol=1e-5, rtol=1e-5)  # and none in evaluation
+    torch.manual_seed(0)
+    no_dropout = peft.get_peft_model(tiny(), dataclasses.replace(config, encoder_dropout=0.0)).input_layer.prompt
+    no_dropout.train()
+    assert torch.equal(no_dropout(), no_dropout())
+
+
+def test_free_prompts_and_prefixes_start_as_an_embedding_does():
+    """P-Tuning's inputs h, Prefix-Tuning's P' and P-Tuning v2's prefixes: N(0, 1), as nn.Embedding starts."""
+    torch.manual_seed(0)
+    tensors = [
+        peft.get_peft_model(tiny(), peft.PTuningConfig(num_virtual_tokens=20, num_tasks=10)).input_layer.prompt.embedding,
+        peft.get_peft_model(tiny(), peft.PrefixTuningConfig(num_virtual_tokens=20, num_tasks=10)).prefix_encoder.embedding,
+        peft.get_peft_model(tiny(), peft.PTuningV2Config(num_virtual_tokens=20, num_tasks=10)).encoder.blocks[1].attn.prefix_key,
+    ]
+    for t in tensors:
+        assert abs(t.std().item() - 1) < 0.05 and abs(t.mean().item()) < 0.05
+
+
+# -- Prefix-Tuning with huggingface peft's positions -----------------------------------------------------------------
+
+
+SHIFTED = {
+    "prefix_tuning": peft.PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=8, shift_positions=True),
+    "p_tuning_v2": peft.PTuningV2Config(num_virtual_tokens=4, shift_positions=True),
+}
+
+
+def test_shift_positions_puts_the_real_tokens_behind_the_prefix():
+    plain, model = patched(SHIFTED["p_tuning_v2"])
+    x = torch.randint(0, V, (2, 6))
+    wte, wpe = plain.input_layer.wte.weight, plain.input_layer.wpe.weight
+    h0 = wte[x] + wpe[4:10]  # positions n..n+T-1
+    prefixes = [(b.attn.prefix_key[0].expand(2, -1, -1), b.attn.prefix_value[0].expand(2, -1, -1))
+                for b in model.encoder.blocks]
+    torch.testing.assert_close(model(x)[0], forward_by_hand(plain, h0, prefixes), atol=1e-5, rtol=1e-5)
+    model(torch.randint(0, V, (1, 28)))  # block 32 - 4 positions
+    with pytest.raises(ValueError, match=r"29 tokens is too long.*shift_positions.*28"):
+        model(torch.randint(0, V, (1, 29)))
+    with peft.disable_adapters(model):
+        assert torch.equal(model(x)[0], plain(x)[0])
+    peft.unload(model)
+    assert type(model.input_layer).__name__ == "InputLayer" and torch.equal(model(x)[0], plain(x)[0])
+
+
+@pytest.mark.parametrize("name", list(SHIFTED))
+def test_shift_positions_cached_generation_and_padding(name):
+    _, model = patched(SHIFTED[name])
+    x = torch.randint(0, V, (2, 10))
+    full, _ = model(x)
+    cache = KVCache(model.config.n_layer)
+    steps = [model(x[:, :4], cache=cache)[0]] + [model(x[:, t : t + 1], cache=cache)[0] for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # 10 + 25 tokens pass block_size - 4: the window slides, with and without the cache alike
+    assert torch.equal(model.generate(x, 25, temperature=0), model.generate(x, 25, temperature=0, use_cache=False))
+    long, short = torch.randint(0, V, (1, 7)), torch.randint(0, V, (1, 4))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)])
+    logits, _ = model(batch, attention_mask=torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]]))
+    torch.testing.assert_close(logits[1:2, 3:], model(short)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_shift_positions_survives_export_and_saving(tmp_path):
+    plain, model = patched(SHIFTED["prefix_tuning"])
+    x = torch.randint(0, V, (2, 6))
+    before = model(x)[0]
+    prefix_tuning.export(model)
+    assert model.peft_config.shift_positions and not model.peft_config.prefix_projection
+    torch.testing.assert_close(model(x)[0], before, atol=1e-6, rtol=1e-6)
+    peft.save_adapter(model, tmp_path / "p.safetensors")
+    fresh = peft.load_adapter(copy.deepcopy(plain), tmp_path / "p.safetensors")
+    torch.testing.assert_close(fresh(x)[0], before, atol=1e-6, rtol=1e-6)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 import peft
-from minigpt import GPT, preset
+from minigpt import GPT, KVCache, preset
 from minigpt.model import MLP, CausalSelfAttention
 from peft.bitfit import REDUCED_TARGETS
 
@@ -54,9 +54,10 @@ def randomise(model, seed=123):
 
 
 def one_step(model, idx, lr=1e-2):
-    """One AdamW step on a random next-token target."""
+    """One AdamW step on a random next-token target, without weight decay (which would move every tensor, whether
+    or not its gradient reached it)."""
     targets = torch.randint(0, V, idx.shape, generator=torch.Generator().manual_seed(7))
-    opt = torch.optim.AdamW(trainable(model), lr=lr)
+    opt = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=0.0)
     model.train()
     _, loss = model(idx, targets)
     loss.backward()
@@ -70,6 +71,8 @@ def method_configs():
         peft.LoraConfig(r=4, alpha=8),
         peft.IA3Config(),
         peft.AdapterConfig(reduction_factor=8),
+        peft.LoraConfig(r=4, alpha=8, target_modules=["query", "value", "fc"], use_dora=True),
+        peft.AdapterConfig(reduction_factor=8, train_layernorm=True),
     ]
 
 
@@ -161,11 +164,16 @@ def test_at_init_the_outputs_are_unchanged(config, layout):
     ],
 )
 def test_one_step_changes_only_the_methods_tensors(config):
+    """Every tensor the method trains moves in one step (from a start where every gradient is non-zero: B = 0 or
+    W_up = 0 would leave A or W_down without a gradient in the first step), and nothing else moves."""
     model, idx = tiny(), batch()
     base = [(name, p, p.detach().clone()) for name, p in model.named_parameters()]
     peft.get_peft_model(model, config)
     new = [p for p in model.parameters() if all(p is not q for _, q, _ in base)]
+    if not isinstance(config, peft.BitFitConfig):
+        randomise(model)
     new_before = [p.detach().clone() for p in new]
+    base = [(name, p, p.detach().clone()) for name, p, _ in base]  # after randomise: what the step itself changes
     one_step(model, idx)
 
     changed_base = {name for name, p, before in base if not torch.equal(p, before)}
@@ -179,12 +187,16 @@ def test_one_step_changes_only_the_methods_tensors(config):
             expected = {n for n, _, _ in base if n.endswith(".bias") and ".ln_" not in n}
         assert new == []
         assert {n for n, p, _ in base if p.requires_grad} == expected
-        assert changed_base == expected
+        assert changed_base == expected  # every selected bias moved, nothing else did
+    elif getattr(config, "train_layernorm", False):  # the adapters and every LayerNorm's gain and bias
+        expected = {n for n, _, _ in base if ".ln_" in n}
+        assert {n for n, p, _ in base if p.requires_grad} == expected and changed_base == expected
+        assert all(not torch.equal(p, before) for p, before in zip(new, new_before))
     else:
         assert changed_base == set()  # every base tensor bit-identical
         assert all(not p.requires_grad for _, p, _ in base)
         assert all(p.requires_grad for p in new) and len(trainable(model)) == len(new)
-        assert any(not torch.equal(p, before) for p, before in zip(new, new_before))
+        assert all(not torch.equal(p, before) for p, before in zip(new, new_before))  # every one moved
 
 
 # -- trainable counts on GPT-2 small, in closed form ------------------------------------------------------------
@@ -429,17 +441,24 @@ def expected_keys(config):
     if isinstance(config, peft.BitFitConfig):
         parts = ["ln_1", "attn.query", "attn.key", "attn.value", "attn.proj", "ln_2", "mlp.fc", "mlp.proj"]
         return {f"{b}.{p}.bias" for b in blocks for p in parts} | {"output_layer.ln_f.bias"}
+    if isinstance(config, peft.LoraConfig) and config.use_dora:  # q, v and fc: A, B and the magnitude m
+        return {f"{b}.{m}.lora_{X}" for b in blocks for m in ("attn.query", "attn.value", "mlp.fc")
+                for X in ("A", "B", "magnitude")}
     if isinstance(config, peft.LoraConfig):
         return {f"{b}.attn.{m}.lora_{X}" for b in blocks for m in ("query", "value") for X in "AB"}
     if isinstance(config, peft.IA3Config):
         return {k for b in blocks for k in (f"{b}.attn.key.l_k", f"{b}.attn.value.l_v", f"{b}.mlp.proj.l_ff")}
-    return {
+    adapters = {
         f"{b}.{s}.adapter_{d}.{w}"
         for b in blocks
         for s in ("attn", "mlp")
         for d in ("down", "up")
         for w in ("weight", "bias")
     }
+    if not config.train_layernorm:
+        return adapters
+    layernorms = {f"{b}.{ln}.{w}" for b in blocks for ln in ("ln_1", "ln_2") for w in ("weight", "bias")}
+    return adapters | layernorms | {"output_layer.ln_f.weight", "output_layer.ln_f.bias"}
 
 
 @pytest.mark.parametrize("config", method_configs())
@@ -494,18 +513,23 @@ def test_unload_restores_the_original_modules_and_outputs(config, merge):
 def test_merge_and_unload_leaves_a_plain_gpt_with_the_adapted_outputs(config):
     model, idx = tiny(), batch()
     types = {n: type(m) for n, m in model.named_modules()}
+    attn = model.encoder.blocks[0].attn
+    W_q, W_k, b_k = (t.detach().clone() for t in (attn.query.weight, attn.key.weight, attn.key.bias))
     peft.get_peft_model(model, config)
     randomise(model)
-    query = model.encoder.blocks[0].attn.query
-    if isinstance(config, peft.LoraConfig):  # W + (alpha / r) B A, written out
-        expected_query = query.base.weight + (8 / 4) * query.lora_B @ query.lora_A
-    else:  # IA3 does not touch the query
-        expected_query = query.weight.clone()
+    query, key = attn.query, attn.key
+    if isinstance(config, peft.LoraConfig):  # W + (alpha / r) B A, written out; the key untouched
+        expected = {"query.weight": W_q + (8 / 4) * query.lora_B @ query.lora_A, "key.weight": W_k, "key.bias": b_k}
+    else:  # IA3 leaves the query alone and scales row i of W_k and entry i of b_k by l_k[i]
+        expected = {"query.weight": W_q, "key.weight": key.l_k[:, None] * W_k, "key.bias": key.l_k * b_k}
+    expected = {k: v.detach().clone() for k, v in expected.items()}
     adapted = logits(model, idx)
     peft.merge_and_unload(model)
     assert {n: type(m) for n, m in model.named_modules()} == types
     assert model.peft_config is None and all(p.requires_grad for p in model.parameters())
-    torch.testing.assert_close(model.encoder.blocks[0].attn.query.weight, expected_query.detach())
+    merged = dict(model.encoder.blocks[0].attn.named_parameters())
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(model, idx), adapted, atol=1e-5, rtol=1e-5)
 
 
@@ -515,7 +539,54 @@ def test_merge_and_unload_refuses_a_method_that_cannot_merge():
         peft.merge_and_unload(model)
 
 
-@pytest.mark.parametrize("config", method_configs()[1:])
+def folded_by_hand(plain, model, config):
+    """plain with the adapted model's update written into its weights by hand (LoRA, DoRA, IA3, BitFit): a GPT
+    that must compute what the adapted model computes, without any peft code."""
+    params = dict(plain.named_parameters())
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if isinstance(layer, peft.lora.LoraLinear):
+                W = params[name + ".weight"]
+                V_ = W + config.scaling * layer.lora_B @ layer.lora_A
+                if config.use_dora:  # m ⊙ V / ||V||_c, row by row
+                    V_ = layer.lora_magnitude[:, None] * V_ / torch.sqrt((V_**2).sum(1, keepdim=True))
+                W.copy_(V_)
+            elif isinstance(layer, peft.ia3.IA3Linear):
+                l, W = layer.vector, params[name + ".weight"]
+                if layer.scale_input:
+                    W.mul_(l[None, :])
+                else:
+                    W.mul_(l[:, None])
+                    params[name + ".bias"].mul_(l)
+        if isinstance(config, peft.BitFitConfig):
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    params[name].copy_(p)
+    return plain
+
+
+@pytest.mark.parametrize("config", method_configs()[:3] + method_configs()[4:5])
+def test_generation_with_the_kv_cache_equals_the_update_folded_in_by_hand(config):
+    """Cached greedy generation of the adapted model equals a plain GPT holding the update written in by hand (so
+    a wrong update fails it, not only a cache that disagrees with the uncached pass)."""
+    plain = tiny()
+    model = peft.get_peft_model(copy.deepcopy(plain), config)
+    randomise(model)
+    folded = folded_by_hand(copy.deepcopy(plain), model, config)
+    idx = batch(B=2, T=4)
+    tokens = model.generate(idx, max_new_tokens=20, temperature=1.0, seed=3)  # 24 of block 32: cached all the way
+    assert torch.equal(tokens, folded.generate(idx, max_new_tokens=20, temperature=1.0, seed=3, use_cache=False))
+    cache, steps = KVCache(model.config.n_layer), []  # and the logits of every cached step
+    with torch.no_grad():
+        steps.append(model(tokens[:, :4], cache=cache)[0])
+        steps += [model(tokens[:, t : t + 1], cache=cache)[0] for t in range(4, 24)]
+    expected = logits(folded, tokens)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-5, rtol=1e-5)
+    assert (expected - logits(plain, tokens)).abs().max() > 1e-3  # the update does change the outputs
+
+
+@pytest.mark.parametrize("config", [peft.AdapterConfig(reduction_factor=8),
+                                    peft.AdapterConfig(reduction_factor=8, train_layernorm=True)])
 def test_generation_with_the_kv_cache_matches_without(config):
     model = peft.get_peft_model(tiny(), config)
     randomise(model)
@@ -557,7 +628,7 @@ def test_bad_targets_are_refused_before_the_model_is_changed(config, error, matc
     with pytest.raises(error, match=match):
         peft.get_peft_model(model, config)
     assert {n: type(m) for n, m in model.named_modules()} == types
-    assert not any(hasattr(m, peft.bitfit.ORIGINAL) for m in model.modules())
+    assert not peft.base.trained_in_place(model)
 
 
 def test_bitfit_refuses_a_model_without_biases():
@@ -587,3 +658,347 @@ def test_bitfit_refuses_a_model_without_biases():
 def test_bad_config_values_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# -- the adapter API: what is saved, nesting, BitFit folded in (issue 18) -------------------------------------------
+
+
+@pytest.mark.parametrize("config", method_configs())
+def test_save_adapter_picks_the_methods_tensors_whatever_requires_grad_says(config, tmp_path):
+    """After model.requires_grad_(False) (a frozen copy, PPO's reference) the file still holds the method's tensors,
+    and after requires_grad_(True) it still holds only those."""
+    model, idx = tiny(), batch()
+    fresh = copy.deepcopy(model)
+    peft.get_peft_model(model, config)
+    randomise(model)
+    for flag in (False, True):
+        model.requires_grad_(flag)
+        path = tmp_path / f"adapter-{flag}.safetensors"
+        peft.save_adapter(model, path)
+        with safe_open(str(path), framework="pt") as f:
+            assert set(f.keys()) == expected_keys(config)
+    peft.load_adapter(fresh, tmp_path / "adapter-False.safetensors")
+    assert torch.equal(logits(fresh, idx), logits(model, idx))
+
+
+@pytest.mark.parametrize("config", method_configs())
+def test_disable_adapters_nests(config):
+    model, idx = tiny(), batch()
+    base = copy.deepcopy(model)
+    peft.get_peft_model(model, config)
+    randomise(model)
+    adapted, expected = logits(model, idx), logits(base, idx)
+    with peft.disable_adapters(model):
+        with peft.disable_adapters(model):
+            assert torch.equal(logits(model, idx), expected)
+        assert torch.equal(logits(model, idx), expected)  # still the base after the inner block ends
+    assert torch.equal(logits(model, idx), adapted)
+    with pytest.raises(RuntimeError), peft.disable_adapters(model):  # an error inside still restores the adapter
+        raise RuntimeError("inside")
+    assert torch.equal(logits(model, idx), adapted)
+
+
+def test_bitfit_merge_and_unload_keeps_the_trained_biases_in_a_plain_gpt():
+    model, idx = tiny(), batch()
+    types = {n: type(m) for n, m in model.named_modules()}
+    buffers = set(dict(model.named_buffers()))
+    peft.get_peft_model(model, peft.BitFitConfig())
+    randomise(model)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    adapted = logits(model, idx)
+    peft.merge_and_unload(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert set(dict(model.named_buffers())) == buffers  # the saved originals are gone
+    assert model.peft_config is None and all(p.requires_grad for p in model.parameters())
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in trained.items())  # the trained biases, now the model's own
+    assert torch.equal(logits(model, idx), adapted)
+
+
+# -- Houlsby adapters with their LayerNorms trained ------------------------------------------------------------------
+
+
+def test_adapters_with_layernorms_train_them_in_place_and_give_them_back():
+    model, idx = tiny(), batch()
+    base = copy.deepcopy(model)
+    peft.get_peft_model(model, peft.AdapterConfig(reduction_factor=8, train_layernorm=True))
+    m = 32 // 8
+    assert peft.count_parameters(model)[0] == 2 * 2 * (2 * m * 32 + m + 32) + (2 * 2 + 1) * 2 * 32
+    randomise(model)
+    block, base_block = model.encoder.blocks[0], base.encoder.blocks[0]
+    assert not torch.equal(block.ln_1.weight, base_block.ln_1.weight)
+    x = torch.randn(2, 6, 32)  # the block by hand, with the trained LayerNorms
+
+    def adapter(h, layer):
+        down, up = layer.adapter_down, layer.adapter_up
+        return h + gelu_tanh(h @ down.weight.T + down.bias) @ up.weight.T + up.bias
+
+    x1 = x + adapter(plain_attention(layer_norm(x, block.ln_1), base_block.attn), block.attn)
+    expected = x1 + adapter(plain_mlp(layer_norm(x1, block.ln_2), base_block.mlp), block.mlp)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=0)
+    with peft.disable_adapters(model):  # the original LayerNorms swapped in
+        assert torch.equal(logits(model, idx), logits(base, idx))
+    peft.unload(model)
+    state, base_state = model.state_dict(), base.state_dict()
+    assert state.keys() == base_state.keys() and all(torch.equal(state[k], base_state[k]) for k in state)
+
+
+def test_trainable_counts_on_gpt2_with_dora_and_layernorms():
+    def count(config):
+        with torch.device("meta"):
+            model = GPT(preset("gpt2"))
+        return peft.count_parameters(peft.get_peft_model(model, config))[0]
+
+    assert count(peft.LoraConfig(r=8, use_dora=True)) == L * 2 * (8 * C + C * 8 + C)  # A, B and m (out,)
+    assert count(peft.AdapterConfig(reduction_factor=16, train_layernorm=True)) == \
+        L * 2 * houlsby(48) + (2 * L + 1) * 2 * C  # ln_1, ln_2 per block and ln_f: gain and bias
+
+
+# -- DoRA -------------------------------------------------------------------------------------------------------------
+
+
+def dora_by_hand(x, W, b, A, B, m, scaling):
+    """DoRA eq. 5: W' = m (W_0 + s B A) / ||W_0 + s B A||_c, the norm of each output's weight vector; h = W' x + b."""
+    V_ = W + scaling * B @ A  # (out, in)
+    norm = torch.sqrt((V_**2).sum(dim=1))  # (out,)
+    return x @ ((m / norm)[:, None] * V_).T + b
+
+
+def test_dora_starts_as_the_base_with_m_the_row_norms():
+    model, idx = tiny(), batch()
+    before = logits(model, idx)
+    W = model.encoder.blocks[0].attn.query.weight.detach().clone()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8, use_dora=True))
+    layer = model.encoder.blocks[0].attn.query
+    assert layer.lora_magnitude.shape == (32,)
+    torch.testing.assert_close(layer.lora_magnitude, torch.sqrt((W**2).sum(dim=1)), atol=1e-7, rtol=1e-6)
+    assert torch.equal(logits(model, idx), before)
+
+
+def test_dora_layer_equals_the_papers_equation():
+    model = tiny()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8, target_modules=["query", "fc"], use_dora=True))
+    randomise(model)
+    for layer in (model.encoder.blocks[1].attn.query, model.encoder.blocks[0].mlp.fc):
+        x = torch.randn(2, 5, 32)
+        expected = dora_by_hand(x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B,
+                                layer.lora_magnitude, 8 / 4)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+def test_dora_gradients_treat_the_norm_as_a_constant():
+    """The paper's Section 4.3 (and huggingface peft): ||W_0 + s B A||_c gets no gradient. By hand on leaf copies,
+    with the norm detached; without detaching the gradients of A, B and m would differ."""
+    model = tiny()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8, use_dora=True))
+    randomise(model)
+    layer = model.encoder.blocks[0].attn.value
+    x, G = torch.randn(3, 7, 32), torch.randn(3, 7, 32)
+    (layer(x) * G).sum().backward()
+
+    def by_hand(detach):
+        A, B, m = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
+        V_ = layer.base.weight + 2.0 * B @ A
+        norm = torch.sqrt((V_**2).sum(dim=1))
+        norm = norm.detach() if detach else norm
+        ((x @ ((m / norm)[:, None] * V_).T + layer.base.bias) * G).sum().backward()
+        return A.grad, B.grad, m.grad
+
+    ours = (layer.lora_A.grad, layer.lora_B.grad, layer.lora_magnitude.grad)
+    for g, expected in zip(ours, by_hand(detach=True)):
+        torch.testing.assert_close(g, expected, atol=1e-4, rtol=1e-4)
+    assert any(not torch.allclose(g, e, atol=1e-4, rtol=1e-4) for g, e in zip(ours, by_hand(detach=False)))
+    assert layer.base.weight.grad is None
+
+
+def test_dora_merge_folds_the_magnitude_and_direction_in_and_unmerge_restores_w0():
+    model, idx = tiny(), batch()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8, use_dora=True))
+    randomise(model)
+    layer = model.encoder.blocks[1].attn.query
+    W0 = layer.base.weight.detach().clone()
+    V_ = W0 + 2.0 * layer.lora_B @ layer.lora_A
+    expected_W = (layer.lora_magnitude[:, None] * V_ / torch.sqrt((V_**2).sum(1, keepdim=True))).detach()
+    unmerged = logits(model, idx)
+    peft.merge(model)
+    torch.testing.assert_close(layer.base.weight, expected_W, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, idx), unmerged, atol=1e-5, rtol=0)
+    peft.unmerge(model)
+    assert torch.equal(layer.base.weight, W0)
+    assert torch.equal(logits(model, idx), unmerged)
+
+
+def test_dora_with_dropout_drops_the_input_of_both_added_terms():
+    """In training with lora_dropout p: h = W x + b + (m/n - 1) W d(x) + (m/n) s B A d(x), d(x) = dropout(x) (as
+    huggingface peft computes it). With one-hot inputs a row's addition is all there or all gone (times 1/(1-p))."""
+    model = tiny()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8, lora_dropout=0.5, use_dora=True))
+    randomise(model)
+    layer = model.encoder.blocks[0].attn.query.train()
+    x = torch.eye(32).repeat(4, 1)  # 128 rows, one input feature each
+    torch.manual_seed(0)
+    added = (layer(x) - layer.base(x)).detach()
+    full = (dora_by_hand(x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, 2.0)
+            - layer.base(x)).detach()  # the whole addition without dropout
+    kept = [torch.allclose(a, f / 0.5, atol=1e-5) for a, f in zip(added, full)]
+    dropped = [torch.equal(a, torch.zeros_like(a)) for a in added]
+    assert all(k or d for k, d in zip(kept, dropped)) and 20 < sum(dropped) < 108
+
+
+# -- training-time behaviour: gradients by hand, dropout, initialisation ----------------------------------------------
+
+
+def test_lora_gradients_by_hand():
+    """y = W x + b + s B A x with upstream gradient G: dL/dB = s G^T (A x), dL/dA = s (B^T G)^T x."""
+    model = tiny()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8))
+    randomise(model)
+    layer = model.encoder.blocks[0].attn.query
+    x, G = torch.randn(9, 32), torch.randn(9, 32)
+    (layer(x) * G).sum().backward()
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    torch.testing.assert_close(layer.lora_B.grad, 2.0 * G.T @ (x @ A.T), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad, 2.0 * (G @ B).T @ x, atol=1e-5, rtol=1e-5)
+    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+
+
+def test_ia3_gradients_by_hand():
+    """l ⊙ (W x + b): dL/dl = sum over tokens of G ⊙ (W x + b); W (l ⊙ x) + b: dL/dl = sum of (G W) ⊙ x."""
+    model = tiny()
+    peft.get_peft_model(model, peft.IA3Config())
+    randomise(model)
+    key, proj = model.encoder.blocks[0].attn.key, model.encoder.blocks[1].mlp.proj
+    x, G = torch.randn(9, 32), torch.randn(9, 32)
+    (key(x) * G).sum().backward()
+    torch.testing.assert_close(key.l_k.grad, (G * (x @ key.base.weight.T + key.base.bias)).sum(0), atol=1e-5,
+                               rtol=1e-5)
+    x = torch.randn(9, 128)
+    (proj(x) * G).sum().backward()
+    torch.testing.assert_close(proj.l_ff.grad, ((G @ proj.base.weight) * x).sum(0), atol=1e-5, rtol=1e-5)
+    assert key.base.weight.grad is None and proj.base.weight.grad is None
+
+
+def gelu_tanh_grad(x):
+    """d/dx of GPT-2's tanh GELU, 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)."""
+    k = math.sqrt(2 / math.pi)
+    t = torch.tanh(k * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * k * (1 + 3 * 0.044715 * x**2)
+
+
+def test_adapter_gradients_by_hand():
+    """y = h + W_up f(z) + b_up, z = W_down h + b_down, h the MLP's output: dW_up = G^T f(z), db_up = sum G,
+    dz = (G W_up) ⊙ f'(z), dW_down = dz^T h, db_down = sum dz."""
+    model = tiny()
+    peft.get_peft_model(model, peft.AdapterConfig(reduction_factor=8))
+    randomise(model)
+    layer = model.encoder.blocks[0].mlp
+    x, G = torch.randn(9, 32), torch.randn(9, 32)
+    (layer(x) * G).sum().backward()
+    down, up = layer.adapter_down, layer.adapter_up
+    h = plain_mlp(x, layer.base).detach()
+    z = h @ down.weight.detach().T + down.bias.detach()
+    dz = (G @ up.weight.detach()) * gelu_tanh_grad(z)
+    for got, expected in ((up.weight.grad, G.T @ gelu_tanh(z)), (up.bias.grad, G.sum(0)),
+                          (down.weight.grad, dz.T @ h), (down.bias.grad, dz.sum(0))):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in layer.base.parameters())
+
+
+def test_bitfit_gradients_by_hand():
+    """The final LayerNorm's bias, through the real loss: logits = LN_f(h) W_e^T, so dL/db = sum over tokens of
+    (softmax(logits) - onehot(target)) W_e / N. And mlp.fc's bias in one MLP: dL/db_1 = sum (G W_2) ⊙
+    gelu'(W_1 x + b_1)."""
+    model, idx = tiny(), batch()
+    peft.get_peft_model(model, peft.BitFitConfig())
+    randomise(model)
+    targets = torch.randint(0, V, idx.shape, generator=torch.Generator().manual_seed(3))
+    _, loss = model(idx, targets)
+    loss.backward()
+    with torch.no_grad():
+        lg = model(idx)[0].reshape(-1, V)
+        d_logits = (torch.softmax(lg, -1) - nn.functional.one_hot(targets.reshape(-1), V)) / lg.size(0)
+        expected = (d_logits @ model.input_layer.wte.weight).sum(0)
+    torch.testing.assert_close(model.output_layer.ln_f.bias.grad, expected, atol=1e-6, rtol=1e-5)
+    assert model.output_layer.ln_f.weight.grad is None and model.input_layer.wte.weight.grad is None
+
+    mlp = model.encoder.blocks[0].mlp
+    mlp.fc.bias.grad = None
+    x, G = torch.randn(9, 32), torch.randn(9, 32)
+    (mlp(x) * G).sum().backward()
+    z = (x @ mlp.fc.weight.T + mlp.fc.bias).detach()
+    torch.testing.assert_close(mlp.fc.bias.grad, ((G @ mlp.proj.weight.detach()) * gelu_tanh_grad(z)).sum(0),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_lora_dropout_acts_on_the_input_of_the_low_rank_branch_only():
+    """h = W x + b + s B A dropout(x): with one-hot inputs each row's update is all there (times 1 / (1 - p)) or all
+    gone; dropout on the update itself would zero single entries. Evaluation mode: no dropout."""
+    model = tiny()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8, lora_dropout=0.5))
+    randomise(model)
+    layer = model.encoder.blocks[0].attn.query.train()
+    x = torch.eye(32).repeat(4, 1)  # 128 rows
+    full = (2.0 * x @ layer.lora_A.T @ layer.lora_B.T).detach()  # the update without dropout
+    torch.manual_seed(0)
+    update = (layer(x) - layer.base(x)).detach()
+    kept = [torch.allclose(u, f / 0.5, atol=1e-5) for u, f in zip(update, full)]
+    dropped = [torch.equal(u, torch.zeros_like(u)) for u in update]
+    assert all(k or d for k, d in zip(kept, dropped)) and 20 < sum(dropped) < 108
+    layer.eval()
+    torch.testing.assert_close(layer(x) - layer.base(x), full, atol=1e-6, rtol=0)
+
+
+def test_lora_a_is_kaiming_uniform_over_its_fan_in():
+    """nn.Linear's default (kaiming_uniform_, a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)), std 1/sqrt(3 in). B = 0."""
+    torch.manual_seed(0)
+    for n_in in (64, 512):
+        layer = peft.lora.LoraLinear(nn.Linear(n_in, 256), r=64, scaling=1.0, dropout=0.0)
+        bound = 1 / math.sqrt(n_in)
+        A = layer.lora_A.detach()
+        assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound
+        assert abs(A.std().item() / (bound / math.sqrt(3)) - 1) < 0.03 and abs(A.mean().item()) < 0.01 * bound
+        assert torch.equal(layer.lora_B, torch.zeros(256, 64))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-2])
+def test_adapter_w_down_is_a_truncated_normal_of_std_init_scale(scale):
+    """Houlsby's near-identity init: N(0, init_scale) truncated at two standard deviations, whose standard deviation
+    is 0.8796 init_scale; W_up and both biases zero."""
+    torch.manual_seed(0)
+    layer = peft.adapter.BottleneckAdapter(nn.Linear(512, 512), 512, 128, "gelu", scale)
+    W = layer.adapter_down.weight.detach()
+    assert W.abs().max() <= 2 * scale and W.abs().max() > 1.9 * scale
+    assert abs(W.std().item() / (0.8796 * scale) - 1) < 0.03 and abs(W.mean().item()) < 0.02 * scale
+    for t in (layer.adapter_down.bias, layer.adapter_up.weight, layer.adapter_up.bias):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+# -- adapter tensors kept in float32 when the model is cast to bf16 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("config", method_configs()[1:])
+@pytest.mark.parametrize("cast_first", [False, True])
+def test_fp32_adapter_keeps_the_methods_tensors_float32_in_a_bf16_model(config, cast_first):
+    reference, idx = tiny(), batch()
+    peft.get_peft_model(reference, config)
+    randomise(reference)
+    model = tiny()
+    if cast_first:
+        model.to(torch.bfloat16)
+    peft.get_peft_model(model, config, fp32_adapter=True)
+    model.load_state_dict(reference.state_dict())  # the same values, whatever the dtypes
+    model.to(torch.bfloat16)
+    owned = peft.adapter_state_dict(model)
+    for name, p in model.named_parameters():
+        in_place = isinstance(config, peft.AdapterConfig) and config.train_layernorm and ".ln_" in name
+        assert p.dtype == (torch.float32 if name in owned and not in_place else torch.bfloat16), name
+    out = logits(model, idx)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), logits(reference, idx), atol=0.1, rtol=0.05)
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad.dtype == p.dtype for p in trainable(model))
+    without = tiny()
+    peft.get_peft_model(without, config)
+    without.to(torch.bfloat16)  # the default: everything follows the cast
+    assert all(p.dtype == torch.bfloat16 for p in without.parameters())
