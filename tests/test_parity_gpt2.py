@@ -157,3 +157,25 @@ def test_cached_decoding_logits_match(case, padded):
             logits, _ = model(ref_tokens[:, t : t + 1], attention_mask=step_mask, cache=cache)
             steps.append(logits[:, -1])
     assert max_diff(torch.stack(steps, dim=1), case["ref"]["pad_gen_logits" if padded else "gen_logits"]) <= 1e-5
+
+
+def test_a_model_saved_with_save_gpt2_opens_in_transformers_with_the_same_logits(tmp_path):
+    """The other direction: a minigpt GPT of GPT-2's shape (every weight, bias and LayerNorm random) written by
+    minigpt.pretrained.save_gpt2 is a folder GPT2LMHeadModel.from_pretrained loads cleanly (tests/reference/
+    ref_hf_adapters.py checks the load report and the tied head) and runs with our logits."""
+    from minigpt import GPTConfig
+    from minigpt.pretrained import save_gpt2
+
+    skip_without_reference()
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(vocab_size=V, block_size=N, n_layer=L, n_head=H, n_embd=C)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    folder = save_gpt2(model, tmp_path / "gpt2")
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(6))
+    ref = run_reference("ref_hf_adapters", {"idx": idx}, {"model_dir": str(folder)})
+    with torch.no_grad():
+        logits, _ = model(idx)
+    assert logits.abs().max() > 1.0  # not a degenerate model
+    assert max_diff(logits, ref["base.logits"]) <= 1e-5

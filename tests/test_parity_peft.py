@@ -19,6 +19,9 @@ LoRA (r, alpha; scaling alpha / r, or alpha / sqrt(r) with rsLoRA)
     equal ours: alpha_HF / (2r) = alpha / r, i.e. alpha_HF = 2 alpha (rsLoRA: alpha_HF / sqrt(2r) = alpha / sqrt(r),
     alpha_HF = sqrt(2) alpha), set with HF's rank_pattern / alpha_pattern. The gradients of A_q, A_v, B_q, B_v are
     compared with the matching blocks of HF's; HF's off-diagonal blocks of B have gradients but no counterpart here.
+DoRA (use_dora): the same block form on c_attn; HF's magnitude there is (3C,), [m_q; ||W_k||; m_v], the key third
+    the key weight's own row norms, so its factor m / ||W_0 + s B A||_c is exactly 1 (the key's B rows are zero).
+    The gradients of m_q, m_v (and A, B) are compared with the matching parts of HF's; both detach the norm.
 IA3
     ours  attn.key (l_k), attn.value (l_v): the output scaled; mlp.proj (l_ff): the input scaled (feedforward)
     HF    c_attn (its vector scales all 3C outputs) and mlp.c_proj as a feedforward module (the input scaled):
@@ -45,7 +48,7 @@ Prefix-Tuning
     KV cache, so GPT-2 gives the real tokens positions n..n+T-1; and position_ids passed to HF peft get n added
     (peft_model.py, _adjust_prompt_learning_kwargs). So the reference passes position_ids = arange(T) - n to get
     ours. test_prefix_default_positions checks HF's own convention too: without position_ids HF equals our model
-    with its position table moved up by n rows (W_p'[p] = W_p[p + n]).
+    with shift_positions=True (real tokens at n..n+T-1).
 
 Run with `make parity`; without .venv-ref these tests skip.
 """
@@ -103,6 +106,46 @@ def unpack_lora(hf: dict, with_mlp: bool) -> dict:
                 for ab in "AB":
                     ours[o + f"{mine}.lora_{ab}"] = hf[HF.format(i) + f"{theirs}.lora_{ab}.default.weight"]
     return ours
+
+
+def pack_dora(ours: dict) -> dict:
+    """DoRA on query, value and mlp.fc: LoRA's block form on c_attn, and a (3C,) magnitude whose key third is the
+    key weight's own row norms (its factor m / ||W|| is then exactly 1), passed in as "key_norm.{i}"."""
+    hf = {}
+    for i in range(L):
+        o, h = f"encoder.blocks.{i}.", HF.format(i)
+        B = torch.zeros(3 * C, 2 * R)
+        B[:C, :R], B[2 * C :, R:] = ours[o + "attn.query.lora_B"], ours[o + "attn.value.lora_B"]
+        hf[h + "attn.c_attn.lora_A.default.weight"] = torch.cat([ours[o + "attn.query.lora_A"],
+                                                                 ours[o + "attn.value.lora_A"]])
+        hf[h + "attn.c_attn.lora_B.default.weight"] = B
+        hf[h + "attn.c_attn.lora_magnitude_vector.default.weight"] = torch.cat(
+            [ours[o + "attn.query.lora_magnitude"], ours[f"key_norm.{i}"], ours[o + "attn.value.lora_magnitude"]])
+        for x in ("A", "B"):
+            hf[h + f"mlp.c_fc.lora_{x}.default.weight"] = ours[o + f"mlp.fc.lora_{x}"]
+        hf[h + "mlp.c_fc.lora_magnitude_vector.default.weight"] = ours[o + "mlp.fc.lora_magnitude"]
+    return hf
+
+
+def unpack_dora(hf: dict) -> dict:
+    ours = {}
+    for i in range(L):
+        o, h = f"encoder.blocks.{i}.", HF.format(i)
+        A, B = hf[h + "attn.c_attn.lora_A.default.weight"], hf[h + "attn.c_attn.lora_B.default.weight"]
+        m = hf[h + "attn.c_attn.lora_magnitude_vector.default.weight"]
+        ours[o + "attn.query.lora_A"], ours[o + "attn.value.lora_A"] = A[:R], A[R:]
+        ours[o + "attn.query.lora_B"], ours[o + "attn.value.lora_B"] = B[:C, :R], B[2 * C :, R:]
+        ours[o + "attn.query.lora_magnitude"], ours[o + "attn.value.lora_magnitude"] = m[:C], m[2 * C :]
+        for x in ("A", "B"):
+            ours[o + f"mlp.fc.lora_{x}"] = hf[h + f"mlp.c_fc.lora_{x}.default.weight"]
+        ours[o + "mlp.fc.lora_magnitude"] = hf[h + "mlp.c_fc.lora_magnitude_vector.default.weight"]
+    return ours
+
+
+def key_norms(model) -> dict:
+    """||W_k|| of each output of every block's key projection (DoRA's magnitude for HF's key third)."""
+    return {f"key_norm.{i}": torch.linalg.norm(b.attn.key.weight.detach(), dim=1)
+            for i, b in enumerate(model.encoder.blocks)}
 
 
 def pack_ia3(ours: dict) -> dict:
@@ -200,6 +243,10 @@ HF_RSLORA = {
     "r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "fan_in_fan_out": True, "target_modules": ["c_attn"],
     "use_rslora": True, "rank_pattern": {"c_attn": 2 * R}, "alpha_pattern": {"c_attn": math.sqrt(2) * ALPHA},
 }
+HF_DORA = {
+    "r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "fan_in_fan_out": True, "target_modules": ["c_attn", "c_fc"],
+    "use_dora": True, "rank_pattern": {"c_attn": 2 * R}, "alpha_pattern": {"c_attn": 2 * ALPHA},
+}
 HF_IA3 = {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"], "fan_in_fan_out": True}
 HF_PROMPT = {"num_virtual_tokens": N_VIRTUAL}
 HF_P_MLP = {"num_virtual_tokens": N_VIRTUAL, "encoder_reparameterization_type": "MLP", "encoder_hidden_size": HIDDEN}
@@ -219,6 +266,13 @@ CASES = {
         "ours": peft.LoraConfig(r=R, alpha=ALPHA, target_modules=["query", "value"], use_rslora=True),
         "hf": ("LoraConfig", HF_RSLORA), "draw": normal(0.1),
         "pack": lambda t: pack_lora(t, False), "unpack": lambda t: unpack_lora(t, False), "merge": True,
+    },
+    "dora": {  # the magnitudes drawn around 1.2 x their start (the row norms of W_0 + s B A are near 0.6 here)
+        "ours": peft.LoraConfig(r=R, alpha=ALPHA, target_modules=["query", "value", "fc"], use_dora=True),
+        "hf": ("LoraConfig", HF_DORA),
+        "draw": lambda name, p, g: p.detach() * (1.2 + 0.2 * torch.randn(p.shape, generator=g))
+        if name.endswith("lora_magnitude") else 0.1 * torch.randn(p.shape, generator=g),
+        "pack": pack_dora, "unpack": unpack_dora, "merge": True, "extra": key_norms,
     },
     "ia3": {
         "ours": peft.IA3Config(),  # attn.key, attn.value, mlp.proj (feedforward)
@@ -285,7 +339,9 @@ def case(tmp_path_factory):
     model_dir = write_hf_dir(tmp_path_factory.mktemp("gpt2") / "hf", random_hf_gpt2(seed=3))
     inputs, specs, tensors = {"idx": idx, "pad_idx": pad_idx, "pad_mask": pad_mask}, [], {}
     for name in CASES:
-        tensors[name] = {n: p.detach().clone() for n, p in trainable(adapted_model(model_dir, name)).items()}
+        model = adapted_model(model_dir, name)
+        tensors[name] = {n: p.detach().clone() for n, p in trainable(model).items()}
+        tensors[name].update(CASES[name].get("extra", lambda m: {})(model))  # what the packing needs besides
     for name, c in {**CASES, **HF_ONLY}.items():
         source = c.get("like", name)
         cls, config = c["hf"]
@@ -370,20 +426,16 @@ def test_prefix_left_padded_batch_matches_on_real_tokens(case):
     assert max_diff(logits[mask], case["ref"]["prefix.pad_logits"][mask]) <= TOL  # (n_real, V) each
 
 
-def shift_positions(model, n):
-    """Move the position table up by n rows: position p now reads W_p[p + n] (the last n rows are never read in
-    these short sequences and keep the first n rows' values)."""
-    with torch.no_grad():
-        wpe = model.input_layer.wpe.weight
-        wpe.copy_(torch.roll(wpe, shifts=-n, dims=0))
-    return model
-
-
 def test_prefix_default_positions(case):
     """HF's own convention, without position_ids: the real tokens take positions n..n+T-1 behind the prefix in the
-    KV cache. Our prefix takes no positions, so ours with W_p'[p] = W_p[p + n] computes exactly what HF does, in a
-    forward pass and in greedy generation (ours cached, HF's uncached: see the module docstring)."""
-    model = shift_positions(adapted_model(case["model_dir"], "prefix"), N_VIRTUAL)
+    KV cache. Ours with PrefixTuningConfig(shift_positions=True) and the same prefix computes exactly what HF does,
+    in a forward pass and in greedy generation (ours cached, HF's uncached: see the module docstring)."""
+    model = peft.get_peft_model(GPT.from_pretrained(case["model_dir"]).eval(),
+                                peft.PrefixTuningConfig(num_virtual_tokens=N_VIRTUAL, prefix_projection=False,
+                                                        shift_positions=True))
+    with torch.no_grad():
+        for n, p in trainable(model).items():
+            p.copy_(case["tensors"]["prefix"][n])  # the "prefix" case's tensors, which HF was given
     idx, ref = case["idx"], case["ref"]
     with torch.no_grad():
         logits, _ = model(idx)
