@@ -99,7 +99,8 @@ class BottleneckAdapter(AdapterLayer):
         if self.disabled:
             return h
         z = h.to(self.adapter_down.weight.dtype)  # the adapter's own dtype (float32 with fp32_adapter)
-        return h + self.adapter_up(self.act(self.adapter_down(z))).to(h.dtype)  # (B, T, d) -> (B, T, m) -> (B, T, d)
+        # (B, T, d) -> (B, T, m) -> (B, T, d)
+        return h + self.adapter_up(self.act(self.adapter_down(z))).to(h.dtype)
 
 
 def apply(model: nn.Module, config: AdapterConfig) -> None:

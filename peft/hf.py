@@ -223,7 +223,8 @@ def _ia3_to_hf(model, config: IA3Config):
             if (i, ours) in layers:
                 layer = layers[i, ours]
                 vector = layer.vector.detach()
-                _add(tensors, {}, blocks, i, theirs, {"ia3_l": vector[None, :] if layer.scale_input else vector[:, None]})
+                shaped = vector[None, :] if layer.scale_input else vector[:, None]  # (1, in) or (out, 1)
+                _add(tensors, {}, blocks, i, theirs, {"ia3_l": shaped})
                 if layer.scale_input:
                     feedforward.setdefault(theirs, []).append(i)
     hf = {"peft_type": "IA3", "target_modules": compact(blocks, L, "transformer.h."),

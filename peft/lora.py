@@ -146,7 +146,7 @@ class LoraLinear(MergeableLayer):
         return merged.to(W.dtype), None
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}"
+        return f"r={self.r}, scaling={self.scaling:g}{', DoRA' if self.use_dora else ''}, merged={self.merged}"
 
 
 def apply(model: nn.Module, config: LoraConfig) -> None:

@@ -98,7 +98,8 @@ def test_dora_magnitude_on_c_attn_holds_the_keys_own_row_norms(tmp_path):
     for i, block in enumerate(model.encoder.blocks):
         m = tensors[HF.format(i) + "attn.c_attn.lora_magnitude_vector"]
         assert m.shape == (96,)
-        assert torch.equal(m[:32], block.attn.query.lora_magnitude) and torch.equal(m[64:], block.attn.value.lora_magnitude)
+        assert torch.equal(m[:32], block.attn.query.lora_magnitude)
+        assert torch.equal(m[64:], block.attn.value.lora_magnitude)
         W_k = block.attn.key.weight
         torch.testing.assert_close(m[32:64], torch.sqrt((W_k**2).sum(1)))  # ||W_k|| of each output: factor 1
         assert torch.equal(tensors[HF.format(i) + "mlp.c_fc.lora_magnitude_vector"], block.mlp.fc.lora_magnitude)
@@ -162,8 +163,8 @@ def test_a_shared_a_c_attn_lora_loads_as_the_update_folded_in_by_hand(tmp_path):
             for j, proj in enumerate((block.attn.query, block.attn.key, block.attn.value)):
                 proj.weight += 2.0 * B[32 * j : 32 * (j + 1)] @ A
             block.mlp.proj.weight += 2.0 * P_B @ P_A
-    folder = write_hf(tmp_path, {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": ["c_attn", "mlp.c_proj"],
-                                 "fan_in_fan_out": True, "bias": "none"}, tensors)
+    folder = write_hf(tmp_path, {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "bias": "none",
+                                 "target_modules": ["c_attn", "mlp.c_proj"], "fan_in_fan_out": True}, tensors)
     model = peft.load_hf_adapter(tiny(), folder)
     assert model.peft_config.r == 3 and model.peft_config.scaling == 2.0
     assert sorted(model.peft_config.target_modules) == ["attn.key", "attn.query", "attn.value", "mlp.proj"]

@@ -596,10 +596,11 @@ def test_the_lstm_encoder_has_its_dropout_between_layers():
 def test_free_prompts_and_prefixes_start_as_an_embedding_does():
     """P-Tuning's inputs h, Prefix-Tuning's P' and P-Tuning v2's prefixes: N(0, 1), as nn.Embedding starts."""
     torch.manual_seed(0)
+    sizes = {"num_virtual_tokens": 20, "num_tasks": 10}
     tensors = [
-        peft.get_peft_model(tiny(), peft.PTuningConfig(num_virtual_tokens=20, num_tasks=10)).input_layer.prompt.embedding,
-        peft.get_peft_model(tiny(), peft.PrefixTuningConfig(num_virtual_tokens=20, num_tasks=10)).prefix_encoder.embedding,
-        peft.get_peft_model(tiny(), peft.PTuningV2Config(num_virtual_tokens=20, num_tasks=10)).encoder.blocks[1].attn.prefix_key,
+        peft.get_peft_model(tiny(), peft.PTuningConfig(**sizes)).input_layer.prompt.embedding,
+        peft.get_peft_model(tiny(), peft.PrefixTuningConfig(**sizes)).prefix_encoder.embedding,
+        peft.get_peft_model(tiny(), peft.PTuningV2Config(**sizes)).encoder.blocks[1].attn.prefix_key,
     ]
     for t in tensors:
         assert abs(t.std().item() - 1) < 0.05 and abs(t.mean().item()) < 0.05
