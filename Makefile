@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo chat test parity lint bench bench-pretrain bench-lora bench-peft notebooks clean
+.PHONY: help install demo chat test parity lint bench bench-pretrain bench-lora bench-peft bench-rl notebooks clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench-lora:  ## LoRA: train-step time vs full fine-tuning and HF peft, memory, m
 
 bench-peft: $(STAMP)  ## full fine-tuning and the 8 PEFT variants side by side (benchmarks/bench_peft.py, ~15 min)
 	$(PY) benchmarks/bench_peft.py
+
+bench-rl: $(STAMP)  ## every alignment method from the same SFT model, 3 seeds (benchmarks/bench_rl.py; FROM=out/pipeline)
+	$(PY) benchmarks/bench_rl.py $(if $(FROM),--from $(FROM))
 
 notebooks: $(STAMP)  ## re-run the notebooks in full mode and save their outputs (one: make notebooks NB=06e_lora)
 	$(PY) tests/test_notebooks.py $(NB)

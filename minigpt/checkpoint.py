@@ -86,6 +86,20 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted ({str(e).splitlines()[0]})") from None
 
 
+def load_resume_checkpoint(out_dir) -> dict:
+    """The checkpoint a run continues from: out_dir/ckpt.pt, or, when that file is damaged, out_dir/best.pt (an
+    earlier iteration), with a message saying so."""
+    out_dir = Path(out_dir)
+    try:
+        return load_checkpoint(out_dir / "ckpt.pt")
+    except (ValueError, FileNotFoundError) as e:
+        if not (out_dir / "best.pt").is_file():
+            raise
+        state = load_checkpoint(out_dir / "best.pt")
+        print(f"warning: {e}; continuing from best.pt instead (iteration {state['iter']})", flush=True)
+        return state
+
+
 # -- the description -------------------------------------------------------------------------------------------------
 
 

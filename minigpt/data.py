@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .files import atomic_write, read_text, write_json
 from .tokenizer import get_tokenizer, tokenizer_from_dict
 
 
@@ -30,6 +30,7 @@ class TokenData:
     tokenizer: object
     n_val: int
     source: str  # for error messages
+    fingerprint: str = ""  # of the documents the tokens came from
 
     @property
     def train(self) -> np.ndarray:
@@ -50,12 +51,11 @@ class TokenData:
 
 
 def read_texts(paths) -> list[str]:
-    """The contents of each text file; a missing or empty file is an error naming it."""
+    """The contents of each text file (UTF-8, a byte-order mark dropped); a missing, empty, binary or non-UTF-8 file,
+    or a folder, is an error naming it."""
     texts = []
     for p in map(Path, paths):
-        if not p.is_file():
-            raise FileNotFoundError(f"data file {str(p)!r} does not exist")
-        text = p.read_text(encoding="utf-8")
+        text = read_text(p, "data file")
         if not text.strip():
             raise ValueError(f"data file {str(p)!r} is empty")
         texts.append(text)
@@ -90,7 +90,8 @@ def prepare(documents: list[str], data_dir, tokenizer_spec: str = "bpe", vocab_s
             )
         if meta["fingerprint"] == fingerprint:
             tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
-            return TokenData(tokens, tokenizer_from_dict(meta["tokenizer"]), int(len(tokens) * val_fraction), source)
+            return TokenData(tokens, tokenizer_from_dict(meta["tokenizer"]), int(len(tokens) * val_fraction), source,
+                             fingerprint)
 
     text = "".join(documents)
     if not text.strip():
@@ -103,9 +104,7 @@ def prepare(documents: list[str], data_dir, tokenizer_spec: str = "bpe", vocab_s
         ids.append(tokenizer.eos_token_id)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = bin_path.with_suffix(".bin.tmp")
-    np.asarray(ids, dtype=dtype).tofile(tmp)
-    os.replace(tmp, bin_path)
+    atomic_write(bin_path, lambda tmp: np.asarray(ids, dtype=dtype).tofile(tmp))
     meta = {
         "tokenizer_request": wanted,
         "tokenizer": tokenizer.to_dict(),
@@ -114,11 +113,9 @@ def prepare(documents: list[str], data_dir, tokenizer_spec: str = "bpe", vocab_s
         "fingerprint": fingerprint,
         "source": source,
     }
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)
+    write_json(meta_path, meta, indent=None)
     tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-    return TokenData(tokens, tokenizer, int(len(tokens) * val_fraction), source)
+    return TokenData(tokens, tokenizer, int(len(tokens) * val_fraction), source, fingerprint)
 
 
 def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator):

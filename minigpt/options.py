@@ -107,15 +107,31 @@ def from_args(cls, args, prefix: str = "", **overrides):
     return cls(**values)
 
 
-def given(parser: argparse.ArgumentParser, args, names) -> list[str]:
-    """Which of the dests in names the user set to something other than their default."""
-    return [n for n in names if getattr(args, n, None) != parser.get_default(n)]
+def parse(parser: argparse.ArgumentParser, argv=None):
+    """parser.parse_args(argv), with ``args.given``: the dests the command line set explicitly, whatever the value
+    (a flag given at its default value counts as given)."""
+    args = parser.parse_args(argv)
+    defaults = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        args.given = set(vars(parser.parse_args(argv)))
+    finally:
+        for a in parser._actions:
+            a.default = defaults[a.dest]
+    return args
 
 
 def run(main) -> None:
-    """Run a command's main(): a user error is one line on stderr and exit status 2; Ctrl-C exits with 130."""
+    """Run a command's main(): a user error is one line on stderr and exit status 2; Ctrl-C exits with 130, saying
+    how to continue when the loop saved a checkpoint first."""
+    from .runs import Interrupted, resume_command
+
     try:
         main()
+    except Interrupted as e:
+        print(f"\n{e}; continue it with:\n  {resume_command()}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

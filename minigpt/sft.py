@@ -31,6 +31,7 @@ from . import checkpoint, engine, tasks
 from .device import select_device
 from .files import read_jsonl
 from .options import option
+from .runs import claim
 from .tasks import check_answer, format_prompt
 from .train import TrainConfig, train
 
@@ -53,15 +54,15 @@ def encode_example(tokenizer, example: dict) -> tuple[list[int], list[int]]:
 def encode_dataset(tokenizer, examples: list[dict], block_size: int) -> list[tuple[list[int], list[int]]]:
     """Encoded examples whose tokens fit the context (block_size + 1 tokens: inputs and shifted targets).
     An example that does not fit raises an error naming it: silently dropping data hides problems."""
-    encoded = []
-    for i, ex in enumerate(examples):
-        tokens, labels = encode_example(tokenizer, ex)
-        if len(tokens) - 1 > block_size:
-            raise ValueError(
-                f"example {i} is {len(tokens)} tokens long but the model's context is {block_size} "
-                f"(instruction {ex['instruction'][:40]!r}...); shorten it or use a model with a larger block_size"
-            )
-        encoded.append((tokens, labels))
+    encoded = [encode_example(tokenizer, ex) for ex in examples]
+    too_long = [i for i, (tokens, _) in enumerate(encoded) if len(tokens) - 1 > block_size]
+    if too_long:
+        i, longest = too_long[0], max(len(tokens) - 1 for tokens, _ in encoded)
+        raise ValueError(
+            f"example {i} is {len(encoded[i][0])} tokens long but the model's context is {block_size} "
+            f"(instruction {examples[i]['instruction'][:40]!r}...); these examples need a context of {longest} "
+            f"tokens: fine-tune a model with block_size >= {longest} (pretrain with --block-size {longest} or more), "
+            f"or shorten them")
     return encoded
 
 
@@ -152,10 +153,11 @@ def method_config(method: str, **values):
 
 
 def finetune(model, tokenizer, train_examples, test_examples, config=None, cfg: TrainConfig | None = None,
-             eval_examples: int = 200, meta: dict | None = None) -> dict:
+             eval_examples: int = 200, meta: dict | None = None, resume: dict | None = None) -> dict:
     """Fine-tune model in place through the one training loop (patched with the PEFT config first, unless it is
     None) and return the final metrics. A model carrying a PEFT method trains only the method's tensors, and its
-    checkpoints hold only those. meta: the model's description, written into every checkpoint."""
+    checkpoints hold only those. meta: the model's description, written into every checkpoint; resume: a checkpoint
+    of this fine-tuning to continue from."""
     import peft
 
     cfg = cfg or TrainConfig()
@@ -183,7 +185,8 @@ def finetune(model, tokenizer, train_examples, test_examples, config=None, cfg: 
     trainable, total = peft.count_parameters(model)
     method = "full" if getattr(model, "peft_config", None) is None else model.peft_config.method
     meta = meta or checkpoint.describe(model, "sft", tasks.TEMPLATE)
-    rows = train(model, get_batch, loss_fn, cfg, evaluation, meta=dict(meta, tokenizer=tokenizer.to_dict()))
+    rows = train(model, get_batch, loss_fn, cfg, evaluation, meta=dict(meta, tokenizer=tokenizer.to_dict()),
+                 resume=resume)
     final = [r for r in rows if r.get("val_loss") is not None][-1]
     return {"method": method, "trainable_params": trainable, "total_params": total, "answer_loss": final["val_loss"],
             "accuracy": final["accuracy"], "train_s": final["elapsed_s"], "iters": final["iter"] + 1}
@@ -245,7 +248,22 @@ def open_base(path):
 
 def run_sft(scfg: SFTConfig, cfg: TrainConfig, peft_config=None) -> dict:
     """Fine-tune scfg.base and write the model folder to cfg.out_dir: the whole model for method "full", the
-    adapter and the base's path for a PEFT method. Returns the results, "before" holding the base's metrics."""
+    adapter and the base's path for a PEFT method. Returns the results, "before" holding the base's metrics.
+    cfg.resume continues the run in cfg.out_dir with the same settings; a folder holding another run is refused
+    unless cfg.overwrite."""
+    with claim(cfg.out_dir, cfg.resume, cfg.overwrite):
+        return _run_sft(scfg, cfg, peft_config)
+
+
+def check_same_settings(state: dict, settings: dict, out_dir, keys) -> None:
+    """Refuse to resume a run with other settings than it started with, naming them."""
+    recorded = state.get("settings", {})
+    differ = {k: (settings[k], recorded.get(k)) for k in keys if recorded.get(k) != settings[k]}
+    if differ:
+        raise ValueError(f"--resume: the run in {out_dir} was started with other settings (now, then): {differ}")
+
+
+def _run_sft(scfg: SFTConfig, cfg: TrainConfig, peft_config) -> dict:
     import peft
 
     loaded, merged = open_base(scfg.base)
@@ -260,8 +278,11 @@ def run_sft(scfg: SFTConfig, cfg: TrainConfig, peft_config=None) -> dict:
     settings = {"sft": dataclasses.asdict(scfg), "train": dataclasses.asdict(cfg),
                 "peft": None if peft_config is None else dataclasses.asdict(peft_config)}
     out = Path(cfg.out_dir)
+    state = checkpoint.load_resume_checkpoint(out) if cfg.resume else None
+    if state is not None:
+        check_same_settings(state, settings, out, ("sft", "peft"))
     meta = checkpoint.describe(model, "sft", tasks.TEMPLATE, made_from, settings, base=base, where=out)
-    results = finetune(model, tokenizer, train_examples, test_examples, None, cfg, scfg.eval_examples, meta)
+    results = finetune(model, tokenizer, train_examples, test_examples, None, cfg, scfg.eval_examples, meta, state)
     results["before"] = before
     results["saved"] = str(checkpoint.save_model(out, model.cpu(), tokenizer, "sft", tasks.TEMPLATE, made_from,
                                                  settings, base=base))

@@ -38,7 +38,8 @@ from .checkpoint import describe, load_checkpoint, save_checkpoint, save_model
 from .config import PRESETS, GPTConfig, preset
 from .device import Processes, init_processes, precision, select_device
 from .model import GPT
-from .options import HelpFormatter, add_options, from_args, option, run
+from .options import HelpFormatter, add_options, from_args, option, parse, run
+from .runs import Interrupted, claim, stop_requests
 
 
 @dataclass
@@ -65,6 +66,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     decay_embeddings: bool = option(False, "apply weight decay to the embeddings too")
     save_trainable_only: bool = option(False, "checkpoints hold only the trained tensors (PEFT)")
+    resume: bool = option(False, "continue the run in OUT_DIR from its ckpt.pt")
+    overwrite: bool = option(False, "replace the run already in OUT_DIR (without it, an existing run is refused)")
     progress: bool = option(True, "show a progress bar")
     plot: bool = option(True, "draw loss.png at the end")
 
@@ -77,6 +80,23 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_iters < 0:
             raise ValueError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
+
+
+def train_config_from(parser, args, **overrides) -> TrainConfig:
+    """TrainConfig from a command line's flags. A warm-up as long as the run (the default 100 with --max-iters 20,
+    say) would keep the learning rate from ever reaching lr: given on purpose it is refused; left at its default it
+    is shortened to a tenth of the run, with a note."""
+    cfg = from_args(TrainConfig, args, **overrides)
+    if cfg.warmup_iters >= cfg.max_iters > 1:
+        if "warmup_iters" in getattr(args, "given", ()):
+            raise ValueError(f"--warmup-iters {cfg.warmup_iters} >= --max-iters {cfg.max_iters}: the learning rate "
+                             f"would never reach --lr {cfg.lr:g}; lower --warmup-iters or raise --max-iters")
+        print(f"note: the warm-up is shortened to {cfg.max_iters // 10} iterations (a tenth of --max-iters "
+              f"{cfg.max_iters}; the default {cfg.warmup_iters} would outlast the run)", flush=True)
+        cfg = dataclasses.replace(cfg, warmup_iters=cfg.max_iters // 10)
+    return cfg
 
 
 # -- learning rate and optimizer ------------------------------------------------------------------------------
@@ -153,10 +173,7 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
     raw_model = model
     optimizer = configure_optimizer(raw_model, cfg, device.type)
     autocast, scaler = precision(device, cfg.dtype)
-    if cfg.gradient_accumulation_steps % procs.world_size:
-        raise ValueError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
-                         f"the number of processes ({procs.world_size})")
-    accum = cfg.gradient_accumulation_steps // procs.world_size
+    accum = micro_batches_per_process(cfg.gradient_accumulation_steps, procs)
     start, best_val, elapsed_before = 0, float("inf"), 0.0
     if resume is not None:
         raw_model.load_state_dict(resume["model"], strict=not cfg.save_trainable_only)
@@ -176,77 +193,128 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
     metrics_path = out_dir / "metrics.jsonl"
     rows = _start_metrics(metrics_path, start) if procs.is_main else []
     bar = _progress(cfg, start, procs)
-    t0, tokens_seen, loss_sum, n_loss, extra_sums = time.perf_counter(), 0, 0.0, 0, {}
-    for it in range(start, cfg.max_iters):
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        step_loss = torch.zeros((), device=device)
-        for micro in range(accum):
-            global_micro = procs.rank * accum + micro
-            batch = _to_device(get_batch(_generator(cfg.seed, it, global_micro)), device)
-            tokens_seen += _n_tokens(batch) * procs.world_size
-            last = micro == accum - 1
-            with (model.no_sync() if procs.world_size > 1 and not last else contextlib.nullcontext()), autocast:
-                out = loss_fn(model, batch)
-                loss, extra = out if isinstance(out, tuple) else (out, {})
-                loss = loss / accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss.detach()
-            for k, v in extra.items():  # summed on the device; read at the next metrics row
-                extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float() / accum
-        step_loss = step_loss.item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"the loss is {step_loss} at iteration {it}; stopping (the last checkpoint in {out_dir} is intact)"
-            )
-        if cfg.grad_clip > 0:
+    t0, tokens_seen, n_loss = time.perf_counter(), 0, 0
+    loss_sum, extra_sums = torch.zeros((), device=device), {}  # summed on the device, read once per metrics row
+    with stop_requests() as stop:
+        for it in range(start, cfg.max_iters):
+            lr = lr_at(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            for micro in range(accum):
+                global_micro = procs.rank * accum + micro
+                batch = _to_device(get_batch(_generator(cfg.seed, it, global_micro)), device)
+                tokens_seen += _n_tokens(batch) * procs.world_size
+                last = micro == accum - 1
+                with (model.no_sync() if procs.world_size > 1 and not last else contextlib.nullcontext()), autocast:
+                    out = loss_fn(model, batch)
+                    loss, extra = out if isinstance(out, tuple) else (out, {})
+                    loss = loss / accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += loss.detach().float()
+                for k, v in extra.items():
+                    extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float() / accum
+            if cfg.grad_clip > 0:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             if scaler:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, n_loss = loss_sum + step_loss, n_loss + 1
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_loss += 1
 
-        elapsed = time.perf_counter() - t0
-        tokens_per_s = tokens_seen / max(elapsed, 1e-9)
-        is_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters - 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        if not procs.is_main or not (is_eval or it % cfg.log_interval == 0):
-            continue
-        row = {"iter": it, "train_loss": loss_sum / n_loss, "val_loss": None, "lr": lr,
-               "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_before + elapsed, 3)}
-        row.update({f"train_{k}": (v / n_loss).item() for k, v in extra_sums.items()})
-        loss_sum, n_loss, extra_sums = 0.0, 0, {}
-        if is_eval and eval_fn is not None:
-            extra = eval_fn(raw_model)
-            row.update(extra)
-            message = f"iter {it}: train_loss {row['train_loss']:.4f}, " + ", ".join(
-                f"{k} {v:.4f}" for k, v in extra.items() if isinstance(v, float))
-            bar.write(message) if bar is not None else print(message, flush=True)
-        rows.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if is_eval:
-            val = row.get("val_loss")
-            improved = val is not None and val < best_val
-            best_val = val if improved else best_val
-            state = _checkpoint_state(raw_model, optimizer, scaler, it, best_val, elapsed_before + elapsed, cfg, meta)
-            save_checkpoint(out_dir / "ckpt.pt", state)
-            if improved:
-                save_checkpoint(out_dir / "best.pt", state)
+            elapsed = time.perf_counter() - t0
+            is_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters - 1
+            if bar is not None:
+                bar.update(1)
+            if is_eval or it % cfg.log_interval == 0:
+                train_loss = mean_over_processes(loss_sum / n_loss, procs)  # the loss of every process's batches
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(
+                        f"the training loss is {train_loss} at iteration {it}; stopping. Nothing was saved from the "
+                        f"diverged model; {_kept(out_dir)}. Try a lower --lr or gradient clipping (--grad-clip)")
+                row = {"iter": it, "train_loss": train_loss, "val_loss": None, "lr": lr,
+                       "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
+                       "elapsed_s": round(elapsed_before + elapsed, 3)}
+                row.update({f"train_{k}": (v / n_loss).item() for k, v in extra_sums.items()})
+                loss_sum, n_loss, extra_sums = torch.zeros((), device=device), 0, {}
+                if bar is not None:
+                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                if is_eval and eval_fn is not None and procs.is_main:
+                    row.update(eval_fn(raw_model))
+                    message = f"iter {it}: train_loss {row['train_loss']:.4f}, " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in row.items() if k not in ("iter", "train_loss", "lr", "tokens_per_s",
+                                                                              "elapsed_s") and isinstance(v, float))
+                    bar.write(message) if bar is not None else print(message, flush=True)
+                if procs.is_main:
+                    rows.append(row)
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if is_eval and procs.is_main:
+                    val = row.get("val_loss")
+                    if val is not None and not math.isfinite(val):
+                        raise FloatingPointError(f"the validation loss is {val} at iteration {it}; stopping without "
+                                                 f"saving the diverged model; {_kept(out_dir)}")
+                    improved = val is not None and val < best_val
+                    best_val = val if improved else best_val
+                    state = _checkpoint_state(raw_model, optimizer, scaler, it, best_val, elapsed_before + elapsed,
+                                              cfg, meta)
+                    save_checkpoint(out_dir / "ckpt.pt", state)
+                    if improved:
+                        save_checkpoint(out_dir / "best.pt", state)
+            if any_process(bool(stop), procs) and it < cfg.max_iters - 1:  # Ctrl-C: save the last finished step
+                if procs.is_main:
+                    save_checkpoint(out_dir / "ckpt.pt", _checkpoint_state(raw_model, optimizer, scaler, it, best_val,
+                                                                           elapsed_before + elapsed, cfg, meta))
+                if bar is not None:
+                    bar.close()
+                raise Interrupted(out_dir, it)
     if bar is not None:
         bar.close()
     if procs.is_main and cfg.plot and rows:
         plot_losses(rows, out_dir / "loss.png")
     return rows
+
+
+def micro_batches_per_process(accumulation_steps: int, procs: Processes) -> int:
+    """Micro-batches each process draws per iteration. The default of 1 under torchrun becomes one per process
+    (world_size in all, the same global batch as one process accumulating world_size micro-batches)."""
+    if accumulation_steps % procs.world_size == 0:
+        return accumulation_steps // procs.world_size
+    if accumulation_steps == 1:
+        if procs.is_main:
+            print(f"{procs.world_size} processes: one micro-batch each per iteration (as "
+                  f"--gradient-accumulation-steps {procs.world_size} in one process)", flush=True)
+        return 1
+    raise ValueError(f"gradient_accumulation_steps ({accumulation_steps}) must be divisible by the number of "
+                     f"processes ({procs.world_size})")
+
+
+def mean_over_processes(value: torch.Tensor, procs: Processes) -> float:
+    if procs.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= procs.world_size
+    return value.item()
+
+
+def any_process(flag: bool, procs: Processes) -> bool:
+    """Whether the flag is set in any process (every process then stops at the same iteration)."""
+    if procs.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _kept(out_dir: Path) -> str:
+    """Which checkpoints are intact, for a message."""
+    kept = [f"{name} (iteration {load_checkpoint(out_dir / name)['iter']})" for name in ("ckpt.pt", "best.pt")
+            if (out_dir / name).is_file()]
+    return f"the checkpoints in {out_dir} are intact: {', '.join(kept)}" if kept else "no checkpoint had been written"
 
 
 def _checkpoint_state(model, optimizer, scaler, it, best_val, elapsed, cfg, meta):
@@ -347,12 +415,36 @@ def load_documents(pcfg: PretrainConfig) -> tuple[list[str], str]:
     return [d + "\n" for d in text.split("\n\n") if d.strip()], f"built-in corpus (seed {pcfg.corpus_seed})"
 
 
-def pretrain(pcfg: PretrainConfig, cfg: TrainConfig, resume: bool = False, procs: Processes | None = None) -> dict:
+def pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes | None = None) -> dict:
     """Tokenise the data, build the GPT, train it with the loop above and save the best model as a model folder in
-    cfg.out_dir (beside the run's checkpoints). Returns the results: validation loss, iterations, time, size."""
+    cfg.out_dir (beside the run's checkpoints). Returns the results: validation loss, iterations, time, size.
+    cfg.resume continues the run in cfg.out_dir, on the same data and tokenizer (anything else is refused); a folder
+    holding another run is refused unless cfg.overwrite."""
+    procs = procs or init_processes()
+    with claim(cfg.out_dir, cfg.resume, cfg.overwrite, procs.is_main):
+        return _pretrain(pcfg, cfg, procs)
+
+
+def check_resume(state: dict, pcfg: PretrainConfig, data, out_dir) -> None:
+    """Refuse to continue a run on other data, another tokenizer or another model shape, naming what differs."""
+    recorded = state.get("made_from", {}).get("data_fingerprint")
+    if recorded is not None and recorded != data.fingerprint:
+        raise ValueError(f"--resume: the data ({data.source}) is not the data the run in {out_dir} was trained on "
+                         f"(fingerprint {data.fingerprint} vs {recorded}); resume with the same --data")
+    if state["tokenizer"] != data.tokenizer.to_dict():
+        raise ValueError(f"--resume: the tokenizer ({data.tokenizer.name}) is not the one the run in {out_dir} used")
+    shape = pcfg.model_config(data.tokenizer.vocab_size).to_dict()
+    differ = {k: (shape[k], v) for k, v in state["model_config"].items() if shape.get(k) != v}
+    if differ:
+        raise ValueError(f"--resume: the model options differ from the run's (given, run): {differ}; a resumed run "
+                         f"keeps its shape")
+
+
+def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
+    from .checkpoint import load_resume_checkpoint
     from .data import fixed_windows, prepare, random_batch, window_batches
 
-    procs = procs or init_processes()
+    state = load_resume_checkpoint(cfg.out_dir) if cfg.resume else None
     documents, source = load_documents(pcfg)
     for turn in ("main", "others"):  # the main process tokenises; the others then read what it wrote
         if (turn == "main") == procs.is_main:
@@ -361,8 +453,9 @@ def pretrain(pcfg: PretrainConfig, cfg: TrainConfig, resume: bool = False, procs
         if procs.world_size > 1:
             dist.barrier()
     tokenizer = data.tokenizer
-    state = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt") if resume else None
-    model_config = GPTConfig.from_dict(state["model_config"]) if state else pcfg.model_config(tokenizer.vocab_size)
+    if state is not None:
+        check_resume(state, pcfg, data, cfg.out_dir)
+    model_config = pcfg.model_config(tokenizer.vocab_size)
     data.check_length(model_config.block_size)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     model = GPT(model_config)
@@ -388,7 +481,7 @@ def pretrain(pcfg: PretrainConfig, cfg: TrainConfig, resume: bool = False, procs
         print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "
               f"tokenizer {tokenizer.name}")
         print(f"model: {model.num_parameters():,} parameters, {model_config}")
-    made_from = {"data": source, "tokenizer": pcfg.tokenizer}
+    made_from = {"data": source, "tokenizer": pcfg.tokenizer, "data_fingerprint": data.fingerprint}
     settings = {"pretrain": dataclasses.asdict(pcfg), "train": dataclasses.asdict(cfg)}
     info = describe(model, "pretrain", made_from=made_from, settings=settings)
     rows = train(model, get_batch, loss_fn, cfg, evaluate, meta=dict(info, tokenizer=tokenizer.to_dict()),
@@ -418,13 +511,31 @@ def build_parser() -> argparse.ArgumentParser:
     data_and_model.add_argument("--data", nargs="+", help="text file(s) to train on (default: the built-in corpus)")
     add_options(data_and_model, PretrainConfig, skip=("data",))
     add_options(p.add_argument_group("training"), TrainConfig, skip=("save_trainable_only",))
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     return p
 
 
+def recorded_settings(parser, args) -> PretrainConfig:
+    """With --resume: the data and model options the run recorded, refusing a flag given now that differs."""
+    from .checkpoint import load_resume_checkpoint
+
+    recorded = load_resume_checkpoint(args.out_dir).get("settings", {}).get("pretrain")
+    if recorded is None:
+        return from_args(PretrainConfig, args)
+    names = [f.name for f in dataclasses.fields(PretrainConfig)]
+    given = {n: getattr(args, n) for n in names if n in args.given}
+    differ = {n: (v, recorded[n]) for n, v in given.items() if v != recorded[n]}
+    if differ:
+        raise ValueError(f"--resume continues the run as it was; these options differ from it (given, run): "
+                         f"{differ}")
+    return PretrainConfig(**recorded)
+
+
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    results = pretrain(from_args(PretrainConfig, args), from_args(TrainConfig, args), resume=args.resume)
+    parser = build_parser()
+    args = parse(parser, argv)
+    cfg = train_config_from(parser, args)
+    pcfg = recorded_settings(parser, args) if cfg.resume else from_args(PretrainConfig, args)
+    results = pretrain(pcfg, cfg)
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

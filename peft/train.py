@@ -19,8 +19,8 @@ import dataclasses
 import peft
 from minigpt import sft
 from minigpt.files import write_json
-from minigpt.options import HelpFormatter, add_options, default_of, from_args, run
-from minigpt.train import TrainConfig
+from minigpt.options import HelpFormatter, add_options, default_of, from_args, parse, run
+from minigpt.train import TrainConfig, train_config_from
 
 SFT_DEFAULTS = {"max_iters": 600, "batch_size": 32, "lr": None, "min_lr": None, "warmup_iters": 30,
                 "weight_decay": 0.0, "eval_interval": 200, "eval_iters": 1, "out_dir": None}
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     scfg = from_args(sft.SFTConfig, args)
     given = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
     try:
@@ -65,8 +65,8 @@ def main(argv=None) -> dict:
     except ValueError as e:
         parser.error(str(e))
     lr = args.lr or sft.DEFAULT_LR[scfg.method]
-    cfg = from_args(TrainConfig, args, lr=lr, min_lr=args.min_lr if args.min_lr is not None else lr / 10,
-                    out_dir=args.out_dir or f"out/sft/{scfg.method}")
+    cfg = train_config_from(parser, args, lr=lr, min_lr=args.min_lr if args.min_lr is not None else lr / 10,
+                            out_dir=args.out_dir or f"out/sft/{scfg.method}")
     results = sft.run_sft(scfg, cfg, config)
     write_json(f"{cfg.out_dir}/results.json", results)
     before = results["before"]

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 
 from minigpt import checkpoint, engine, tasks
 from minigpt.files import write_json
-from minigpt.options import HelpFormatter, add_options, from_args, option
+from minigpt.options import HelpFormatter, add_options, from_args, option, parse
 from minigpt.options import run as run_cli
-from minigpt.train import TrainConfig, train
+from minigpt.runs import claim
+from minigpt.train import TrainConfig, train, train_config_from
 from rlhf.plots import plot_metrics
 from rlhf.policy import RLRun, open_policy, reference_of, save_policy
 
@@ -222,7 +223,14 @@ def dpo_data(dcfg: DPOConfig, pol, block_size: int, seed: int, prompts_file=None
 
 def run_dpo(run: RLRun, dcfg: DPOConfig, cfg: TrainConfig, peft_config=None) -> dict:
     """DPO from run.sft on the pairs dcfg names, through minigpt.train.train; the policy, metrics.jsonl, dpo.png and
-    results.json go to cfg.out_dir, with the evaluation before and after when run.eval_prompts > 0."""
+    results.json go to cfg.out_dir, with the evaluation before and after when run.eval_prompts > 0. cfg.resume
+    continues the run in cfg.out_dir; another run there is refused unless cfg.overwrite."""
+    with claim(cfg.out_dir, cfg.resume, cfg.overwrite):
+        return _run_dpo(run, dcfg, cfg, peft_config)
+
+
+def _run_dpo(run: RLRun, dcfg: DPOConfig, cfg: TrainConfig, peft_config) -> dict:
+    from minigpt.sft import check_same_settings
     from rlhf.evaluate import evaluate_policy
     from rlhf.prompts import builtin_prompts
 
@@ -267,8 +275,12 @@ def run_dpo(run: RLRun, dcfg: DPOConfig, cfg: TrainConfig, peft_config=None) -> 
     settings = {"dpo": dataclasses.asdict(dcfg), "train": dataclasses.asdict(cfg), "run": dataclasses.asdict(run)}
     if getattr(model, "peft_config", None) is not None:
         cfg = dataclasses.replace(cfg, save_trainable_only=True)
+    state = checkpoint.load_resume_checkpoint(cfg.out_dir) if cfg.resume else None
+    if state is not None:
+        check_same_settings(state, settings, cfg.out_dir, ("dpo",))
     meta = checkpoint.describe(model, "dpo", pol.info.get("template"), made_from, settings)
-    rows = train(model, get_batch, loss_fn, cfg, evaluation, meta=dict(meta, tokenizer=tokenizer.to_dict()))
+    rows = train(model, get_batch, loss_fn, cfg, evaluation, meta=dict(meta, tokenizer=tokenizer.to_dict()),
+                 resume=state)
     if test:
         results["after"] = evaluate()
     out_dir = Path(cfg.out_dir)
@@ -292,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rlhf.dpo", description="DPO on a policy (the SFT model) from "
                                 "preference pairs: python -m rlhf.dpo --sft out/sft/full --pairs on_policy",
                                 formatter_class=HelpFormatter)
-    add_options(p.add_argument_group("what DPO starts from"), RLRun, skip=("reward", "out_dir"))
+    add_options(p.add_argument_group("what DPO starts from"), RLRun, skip=("reward", "out_dir", "resume", "overwrite"))
     add_options(p.add_argument_group("DPO"), DPOConfig)
     add_method_options(p.add_argument_group("PEFT method options (with --peft)"))
     add_options(p.add_argument_group("training (--batch-size counts pairs)"), TrainConfig,
@@ -304,7 +316,7 @@ def main(argv=None) -> dict:
     from minigpt.sft import method_config
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     given = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
     try:
         run = from_args(RLRun, args, out_dir=args.out_dir)
@@ -312,7 +324,7 @@ def main(argv=None) -> dict:
             raise ValueError(f"options {sorted(given)} need --peft METHOD")
         peft_config = None if run.peft == "none" else method_config(run.peft, **given)
         dcfg = from_args(DPOConfig, args)
-        cfg = from_args(TrainConfig, args, progress=run.progress)
+        cfg = train_config_from(parser, args, progress=run.progress)
     except ValueError as e:
         parser.error(str(e))
     results = run_dpo(run, dcfg, cfg, peft_config)

@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 
 from minigpt import engine, tasks
+from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.files import write_json
 from minigpt.options import HelpFormatter, add_options, from_args, option
 from minigpt.options import run as run_cli
+from minigpt.runs import Interrupted, claim, stop_requests
 from minigpt.train import TrainConfig, configure_optimizer
 from rlhf.plots import plot_metrics
 from rlhf.policy import (
@@ -44,10 +46,12 @@ from rlhf.policy import (
     StepLog,
     entropy_of,
     kl_penalty,
+    loop_state,
     masked_mean,
     open_policy,
     reference_of,
     response_logprobs,
+    restore_loop_state,
     save_policy,
 )
 
@@ -192,10 +196,11 @@ def grpo_update(policy, optimizer, groups: Groups, cfg: GRPOConfig, reference=No
 
 
 def train_grpo(policy, tokenizer, examples: list[dict], reward_fn, cfg: GRPOConfig, reference=None, out_dir=None,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, resume: dict | None = None) -> list[dict]:
     """cfg.steps GRPO steps on examples (dicts with a formatted "prompt", an "output" for the checker) drawn in
     shuffled batches; returns one metrics row per step (also in grpo_metrics.jsonl). reference None: the policy's
-    adapters disabled; otherwise the frozen SFT model."""
+    adapters disabled; otherwise the frozen SFT model. With out_dir the loop's state is saved after every step
+    (rl_state.pt; Ctrl-C stops after the step, saved); resume is such a state to continue from."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = next(policy.parameters()).device
@@ -203,26 +208,39 @@ def train_grpo(policy, tokenizer, examples: list[dict], reward_fn, cfg: GRPOConf
     optimizer = configure_optimizer(policy, TrainConfig(lr=cfg.lr, min_lr=0.0, weight_decay=0.0), device.type,
                                     eps=cfg.adam_eps)
     order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
-    log = StepLog(Path(out_dir) / "grpo_metrics.jsonl" if out_dir else None, cfg.steps, "grpo", progress)
-    for step in range(cfg.steps):
-        if cursor + cfg.prompts_per_step > len(order):
-            order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
-        batch = [examples[j] for j in order[cursor : cursor + cfg.prompts_per_step]]
-        cursor += cfg.prompts_per_step
-        groups = sample_groups(policy, tokenizer, batch, reward_fn, cfg, reference, sample_gen)
-        stats = grpo_update(policy, optimizer, groups, cfg, reference, generator)
-        gen = groups.gen
-        mask = gen.response_mask.float()
-        row = {"step": step, "reward": groups.rewards.mean().item(),
-               "kl": masked_mean(kl_penalty(groups.old_logp, groups.ref_logp, "k3"), mask).item(),
-               "reward_std_in_group": groups.rewards.view(-1, cfg.group_size).std(-1).mean().item(),
-               "all_equal_groups": groups.all_equal.float().mean().item(),
-               "response_len": gen.response_mask.float().sum(-1).mean().item(),
-               "truncated": (~gen.has_eos).float().mean().item(), **stats}
-        repeated = [ex for ex in batch for _ in range(cfg.group_size)]
-        if all("output" in ex for ex in batch):
-            row["true_score"] = sum(map(tasks.ground_truth_score, repeated, groups.texts)) / len(repeated)
-        log.write(row, reward=row["reward"], kl=row["kl"], equal=row["all_equal_groups"])
+    parts = ({"policy": policy}, {"optimizer": optimizer}, {"generator": generator, "sample_gen": sample_gen})
+    start = 0
+    if resume is not None:
+        extra = restore_loop_state(resume, *parts)
+        start, order, cursor = resume["step"] + 1, extra["order"], extra["cursor"]
+    log = StepLog(Path(out_dir) / "grpo_metrics.jsonl" if out_dir else None, cfg.steps, "grpo", progress,
+                  resume["rows"] if resume else None)
+    with stop_requests() as stop:
+        for step in range(start, cfg.steps):
+            if cursor + cfg.prompts_per_step > len(order):
+                order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
+            batch = [examples[j] for j in order[cursor : cursor + cfg.prompts_per_step]]
+            cursor += cfg.prompts_per_step
+            groups = sample_groups(policy, tokenizer, batch, reward_fn, cfg, reference, sample_gen)
+            stats = grpo_update(policy, optimizer, groups, cfg, reference, generator)
+            gen = groups.gen
+            mask = gen.response_mask.float()
+            row = {"step": step, "reward": groups.rewards.mean().item(),
+                   "kl": masked_mean(kl_penalty(groups.old_logp, groups.ref_logp, "k3"), mask).item(),
+                   "reward_std_in_group": groups.rewards.view(-1, cfg.group_size).std(-1).mean().item(),
+                   "all_equal_groups": groups.all_equal.float().mean().item(),
+                   "response_len": mask.sum(-1).mean().item(), "truncated": (~gen.has_eos).float().mean().item(),
+                   **stats}
+            repeated = [ex for ex in batch for _ in range(cfg.group_size)]
+            if all("output" in ex for ex in batch):
+                row["true_score"] = sum(map(tasks.ground_truth_score, repeated, groups.texts)) / len(repeated)
+            log.write(row, reward=row["reward"], kl=row["kl"], equal=row["all_equal_groups"])
+            if out_dir:
+                save_checkpoint(Path(out_dir) / "rl_state.pt", loop_state(step, *parts, log.rows, order=order,
+                                                                          cursor=cursor))
+            if stop and step < cfg.steps - 1:
+                log.close()
+                raise Interrupted(out_dir, step)
     log.close()
     return log.rows
 
@@ -244,7 +262,13 @@ GRPO_PANELS = [
 
 def run_grpo(run: RLRun, cfg: GRPOConfig, peft_config=None, reward: str = "checker") -> dict:
     """GRPO from run.sft on run.prompts with the reward of kind `reward`; the policy, grpo_metrics.jsonl, grpo.png and
-    results.json go to run.out_dir, with the evaluation before and after when run.eval_prompts > 0."""
+    results.json go to run.out_dir, with the evaluation before and after when run.eval_prompts > 0. run.resume
+    continues an interrupted run."""
+    with claim(run.out_dir, run.resume, run.overwrite):
+        return _run_grpo(run, cfg, peft_config, reward)
+
+
+def _run_grpo(run: RLRun, cfg: GRPOConfig, peft_config, reward: str) -> dict:
     from rlhf.evaluate import evaluate_policy
     from rlhf.prompts import builtin_prompts, load_prompts
     from rlhf.reward_model import load_reward_model
@@ -267,8 +291,9 @@ def run_grpo(run: RLRun, cfg: GRPOConfig, peft_config=None, reward: str = "check
     if test:
         results["before"] = evaluate()
     out_dir = Path(run.out_dir)
+    state = load_checkpoint(out_dir / "rl_state.pt") if run.resume else None
     rows = train_grpo(pol.model, tokenizer, examples, make_reward(reward, tokenizer, rm), cfg, pol.reference,
-                      out_dir, run.progress)
+                      out_dir, run.progress, resume=state)
     if test:
         results["after"] = evaluate()
     plot_metrics(rows, out_dir / "grpo.png", GRPO_PANELS, f"GRPO ({reward}, {cfg.loss_type}, beta = {cfg.beta:g})",

@@ -63,14 +63,19 @@ FAST = Sizes(corpus_chars=200_000, pretrain_iters=60, n_layer=2, n_embd=64, sft_
 
 
 def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
-    """Run fn unless out_dir/name/stage.json says it is done; record its results and wall time there."""
-    marker = out_dir / name / "stage.json"
+    """Run fn(mode) unless out_dir/name/stage.json says it is done; record its results and wall time there. mode
+    tells the stage to continue an interrupted run of it (a checkpoint is there), or to start afresh over whatever
+    an earlier attempt left (--force redoes a finished stage)."""
+    folder = out_dir / name
+    marker = folder / "stage.json"
     if marker.is_file() and not force:
         print(f"== {name}: done earlier, skipping (stage.json found; --force to redo)")
         return json.loads(read_text(marker))
-    print(f"== {name}")
+    interrupted = not force and any((folder / f).is_file() for f in ("ckpt.pt", "rl_state.pt"))
+    mode = {"resume": interrupted, "overwrite": not interrupted}
+    print(f"== {name}" + (": continuing the interrupted run" if interrupted else ""))
     t0 = time.perf_counter()
-    results = fn()
+    results = fn(mode)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     write_json(marker, results)
     return results
@@ -79,18 +84,19 @@ def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
 # -- the stages -----------------------------------------------------------------------------------------------
 
 
-def stage_pretrain(out: Path, s: Sizes, progress: bool) -> dict:
+def stage_pretrain(out: Path, s: Sizes, progress: bool, mode: dict) -> dict:
     pcfg = PretrainConfig(preset="baby", n_layer=s.n_layer, n_head=4, n_embd=s.n_embd, block_size=128,
                           corpus_chars=s.corpus_chars)
     cfg = TrainConfig(out_dir=str(out / "pretrain"), batch_size=32, max_iters=s.pretrain_iters, lr=2e-3, min_lr=2e-4,
-                      warmup_iters=50, eval_interval=max(s.pretrain_iters // 4, 1), eval_iters=10, progress=progress)
+                      warmup_iters=50, eval_interval=max(s.pretrain_iters // 4, 1), eval_iters=10, progress=progress,
+                      **mode)
     r = pretrain(pcfg, cfg)
     return {"data": f"built-in corpus, {s.corpus_chars:,} characters", "algorithm": "next-token prediction",
             "model": f"GPT {s.n_layer} layers x {s.n_embd} dims", "params": r["params"], "val_loss": r["val_loss"],
             "iters": s.pretrain_iters}
 
 
-def stage_sft(out: Path, s: Sizes, progress: bool, method: str) -> dict:
+def stage_sft(out: Path, s: Sizes, progress: bool, method: str, mode: dict) -> dict:
     train, test = tasks.sft_examples(remark_share=s.remark_share)
     write_jsonl(out / "data" / "sft_train.jsonl", train)
     write_jsonl(out / "data" / "sft_test.jsonl", test)
@@ -98,7 +104,8 @@ def stage_sft(out: Path, s: Sizes, progress: bool, method: str) -> dict:
                      test_file=str(out / "data" / "sft_test.jsonl"), eval_examples=min(200, s.eval_prompts))
     lr = DEFAULT_LR[method]
     cfg = TrainConfig(out_dir=str(out / "sft"), max_iters=s.sft_iters, batch_size=32, lr=lr, min_lr=lr / 10,
-                      warmup_iters=30, weight_decay=0.0, eval_interval=s.sft_iters, eval_iters=1, progress=progress)
+                      warmup_iters=30, weight_decay=0.0, eval_interval=s.sft_iters, eval_iters=1, progress=progress,
+                      **mode)
     r = run_sft(scfg, cfg, method_config(method))
     remarks = sum(ex.get("remark", False) for ex in train)
     return {"data": f"{len(train):,} instructions with answers ({remarks:,} with a remark after the answer)",
@@ -107,11 +114,11 @@ def stage_sft(out: Path, s: Sizes, progress: bool, method: str) -> dict:
             "accuracy_before": r["before"]["accuracy"], "answer_loss": r["answer_loss"]}
 
 
-def stage_reward(out: Path, s: Sizes, progress: bool) -> dict:
+def stage_reward(out: Path, s: Sizes, progress: bool, mode: dict) -> dict:
     rcfg = RewardConfig(sft=str(out / "sft"), n_pairs=s.reward_pairs, n_normalize=min(100, s.eval_prompts))
     cfg = TrainConfig(out_dir=str(out / "reward"), max_iters=s.reward_iters, batch_size=32, lr=1e-3, min_lr=1e-4,
                       warmup_iters=20, weight_decay=0.0, eval_interval=max(s.reward_iters // 3, 1), eval_iters=1,
-                      progress=progress)
+                      progress=progress, **mode)
     r = run_reward(rcfg, cfg)
     return {"data": f"{s.reward_pairs:,} preference pairs", "algorithm": "Bradley-Terry loss",
             "model": "reward model (SFT backbone + scalar head)", "params": r["total_params"],
@@ -119,9 +126,9 @@ def stage_reward(out: Path, s: Sizes, progress: bool) -> dict:
             "probe_accuracy": r.get("probe_accuracy", {})}
 
 
-def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str, reward: str) -> dict:
+def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str, reward: str, mode: dict) -> dict:
     run = RLRun(sft=str(out / "sft"), reward=str(out / "reward"), out_dir=str(out / name),
-                eval_prompts=s.eval_prompts, eval_samples=s.eval_samples, progress=progress)
+                eval_prompts=s.eval_prompts, eval_samples=s.eval_samples, progress=progress, **mode)
     cfg = PPOConfig(steps=s.ppo_steps, batch_size=s.ppo_batch, minibatch_size=min(16, s.ppo_batch), beta=beta,
                     lr=s.ppo_lr, vf_lr=s.ppo_vf_lr)
     r = run_ppo(run, cfg, reward=reward)
@@ -188,8 +195,13 @@ def build_parser():
     p.add_argument("--reward-fn", default="reward_model", choices=["reward_model", "checker", "both"],
                    help="what PPO maximises: the reward model, the world's checker (a verifiable reward), or both")
     p.add_argument("--reward-hacking", action="store_true", help="also run PPO with beta = 0")
+    p.add_argument("--stages", default="pretrain,sft,reward,ppo", help="the stages to run, in order, stopping after "
+                   "the last one named (e.g. pretrain,sft,reward for the models RL starts from)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+STAGES = ("pretrain", "sft", "reward", "ppo")
 
 
 def main(argv=None, sizes: Sizes | None = None) -> dict:
@@ -197,17 +209,23 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
     out = Path(args.out_dir)
     s = sizes or (FAST if args.fast else Sizes())
     progress = not args.no_progress
-    t0 = time.perf_counter()
-    results = {
-        "pretrain": run_stage(out, "pretrain", lambda: stage_pretrain(out, s, progress), args.force),
-        "sft": run_stage(out, "sft", lambda: stage_sft(out, s, progress, args.sft_method), args.force),
-        "reward": run_stage(out, "reward", lambda: stage_reward(out, s, progress), args.force),
-        "ppo": run_stage(out, "ppo", lambda: stage_ppo(out, s, progress, args.beta, "ppo", args.reward_fn),
-                         args.force),
+    wanted = [x for x in args.stages.split(",") if x]
+    if not wanted or [x for x in wanted if x not in STAGES] or wanted != list(STAGES[: len(wanted)]):
+        raise ValueError(f"--stages must be the first stages of {','.join(STAGES)} in order, got {args.stages!r}")
+    stages = {
+        "pretrain": lambda mode: stage_pretrain(out, s, progress, mode),
+        "sft": lambda mode: stage_sft(out, s, progress, args.sft_method, mode),
+        "reward": lambda mode: stage_reward(out, s, progress, mode),
+        "ppo": lambda mode: stage_ppo(out, s, progress, args.beta, "ppo", args.reward_fn, mode),
     }
+    t0 = time.perf_counter()
+    results = {name: run_stage(out, name, stages[name], args.force) for name in wanted}
+    if len(wanted) < len(STAGES):
+        print(f"pipeline stopped after {wanted[-1]} (--stages) in {time.perf_counter() - t0:.0f} s; in {out}")
+        return results
     if args.reward_hacking:
-        results["ppo_beta0"] = run_stage(out, "ppo_beta0", lambda: stage_ppo(out, s, progress, 0.0, "ppo_beta0",
-                                                                            args.reward_fn), args.force)
+        results["ppo_beta0"] = run_stage(out, "ppo_beta0", lambda mode: stage_ppo(out, s, progress, 0.0, "ppo_beta0",
+                                                                                 args.reward_fn, mode), args.force)
     print(report(out, results))
     print(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report in {out / 'report.md'}")
     return results

@@ -44,6 +44,8 @@ class RLRun:
     eval_prompts: int = option(0, "held-out built-in prompts to evaluate the policy on before and after (0: none)")
     eval_samples: int = option(4, "samples per held-out prompt, for sampled accuracy and pass@k")
     eval_temperature: float = option(1.0, "the temperature of those samples (the same for every method compared)")
+    resume: bool = option(False, "continue the run in OUT_DIR from its last saved step")
+    overwrite: bool = option(False, "replace the run already in OUT_DIR (without it, an existing run is refused)")
     progress: bool = option(True, "show a progress bar")
 
 
@@ -122,18 +124,19 @@ def entropy_of(logits, mask, temperature: float = 1.0):
 
 
 class StepLog:
-    """One metrics row per step: appended to a JSONL file, shown on a progress bar, and kept in ``rows``."""
+    """One metrics row per step: appended to a JSONL file, shown on a progress bar, and kept in ``rows`` (a resumed
+    loop starts from the rows it had written)."""
 
-    def __init__(self, path, total: int, desc: str, progress: bool = True):
-        self.path, self.rows = (Path(path) if path else None), []
+    def __init__(self, path, total: int, desc: str, progress: bool = True, rows=None):
+        self.path, self.rows = (Path(path) if path else None), list(rows or [])
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=len(self.rows), desc=desc, dynamic_ncols=True)
 
     def write(self, row: dict, **shown) -> None:
         bad = {k: v for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
@@ -150,6 +153,38 @@ class StepLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# -- continuing an RL loop exactly where it stopped -------------------------------------------------------------
+
+
+def loop_state(step: int, modules: dict, optimizers: dict, generators: dict, rows: list, **extra) -> dict:
+    """Everything an RL loop needs to go on after `step` as if never stopped: the trained tensors of each module,
+    the optimizers, the random generators (and torch's), the metrics rows and the loop's own values (extra)."""
+    return {"step": step, "rows": rows, "extra": extra, "rng": torch.get_rng_state(),
+            "modules": {k: {n: p.detach().cpu() for n, p in m.named_parameters() if p.requires_grad}
+                        for k, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "generators": {k: g.get_state() for k, g in generators.items()}}
+
+
+def restore_loop_state(state: dict, modules: dict, optimizers: dict, generators: dict) -> dict:
+    """Put a loop_state back into the same modules, optimizers and generators; returns its extra values."""
+    with torch.no_grad():
+        for k, m in modules.items():
+            params = dict(m.named_parameters())
+            trained = {n for n, p in params.items() if p.requires_grad}
+            if set(state["modules"][k]) != trained:
+                raise ValueError(f"the saved {k} does not fit this one (it was trained through other tensors); "
+                                 f"resume with the settings the run started with")
+            for n, t in state["modules"][k].items():
+                params[n].copy_(t)
+    for k, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+    torch.set_rng_state(state["rng"])
+    return state["extra"]
 
 
 def save_policy(folder, pol: Policy, stage: str, made_from=None, settings=None):

@@ -45,10 +45,12 @@ import torch
 import torch.nn as nn
 
 from minigpt import engine, tasks
+from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.files import write_json
 from minigpt.model import disable_dropout
 from minigpt.options import HelpFormatter, add_options, from_args, option
 from minigpt.options import run as run_cli
+from minigpt.runs import Interrupted, claim, stop_requests
 from minigpt.train import configure_optimizer
 from rlhf.plots import plot_ppo
 from rlhf.policy import (
@@ -56,10 +58,12 @@ from rlhf.policy import (
     StepLog,
     entropy_of,
     kl_penalty,
+    loop_state,
     masked_mean,
     open_policy,
     reference_of,
     response_logprobs,
+    restore_loop_state,
     save_policy,
 )
 
@@ -301,11 +305,12 @@ def make_optimizers(actor: PolicyWithValue, cfg: PPOConfig, device_type: str):
 
 
 def train_ppo(policy, tokenizer, examples: list[dict], reward_fn, cfg: PPOConfig, ref_model=None, out_dir=None,
-              progress: bool = True) -> tuple[PolicyWithValue, list[dict]]:
+              progress: bool = True, resume: dict | None = None) -> tuple[PolicyWithValue, list[dict]]:
     """Run cfg.steps PPO steps on examples (dicts with a formatted "prompt", and an "output" for the ground-truth
     score), drawn in shuffled batches; return the actor and one metrics row per step (also in ppo_metrics.jsonl).
     ref_model None: the policy carries a PEFT method whose disabled adapters are the reference; otherwise the frozen
-    SFT model. reward_fn(generation, examples) -> (B,) scores (rlhf.rewards)."""
+    SFT model. reward_fn(generation, examples) -> (B,) scores (rlhf.rewards). With out_dir, the loop's state is saved
+    after every step (rl_state.pt; Ctrl-C stops after the step, saved); resume is such a state to continue from."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # the prompt order and the minibatches
     device = next(policy.parameters()).device
@@ -315,29 +320,43 @@ def train_ppo(policy, tokenizer, examples: list[dict], reward_fn, cfg: PPOConfig
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in (optimizer, vf_optimizer)]
     controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.horizon)
     order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
-    log = StepLog(Path(out_dir) / "ppo_metrics.jsonl" if out_dir else None, cfg.steps, "ppo", progress)
-    for step in range(cfg.steps):
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
-        batch = [examples[j] for j in order[cursor : cursor + cfg.batch_size]]
-        cursor += cfg.batch_size
-        if cfg.anneal_lr:
-            for opt, lrs in zip((optimizer, vf_optimizer), base_lrs):
-                for group, lr in zip(opt.param_groups, lrs):
-                    group["lr"] = lr * (1.0 - step / cfg.steps)
-        beta = controller.beta
-        ro = rollout(actor, batch, tokenizer, reward_fn, cfg, beta, ref_model, sample_gen)
-        stats = ppo_update(actor, optimizer, vf_optimizer, ro, cfg, generator)
-        seq_kl = ro.kl.sum(-1).mean().item()
-        if cfg.adaptive_kl:
-            controller.update(seq_kl, cfg.batch_size)
-        row = {"step": step, "score": ro.scores.mean().item(), "kl": seq_kl,
-               "total_reward": ro.rewards.sum(-1).mean().item(), "beta": beta, "lr": optimizer.param_groups[0]["lr"],
-               "response_len": ro.response_mask.sum(-1).mean().item(),
-               "truncated": (~ro.has_eos).float().mean().item(), **stats}
-        if all("output" in ex for ex in batch):  # the world's rubric, whatever the reward was
-            row["true_score"] = sum(map(tasks.ground_truth_score, batch, ro.texts)) / len(batch)
-        log.write(row, score=row["score"], kl=seq_kl, beta=beta)
+    parts = ({"policy": policy, "value_head": actor.value_head}, {"optimizer": optimizer, "vf_optimizer": vf_optimizer},
+             {"generator": generator, "sample_gen": sample_gen})
+    start = 0
+    if resume is not None:
+        extra = restore_loop_state(resume, *parts)
+        start, controller.beta, order, cursor = resume["step"] + 1, extra["beta"], extra["order"], extra["cursor"]
+    log = StepLog(Path(out_dir) / "ppo_metrics.jsonl" if out_dir else None, cfg.steps, "ppo", progress,
+                  resume["rows"] if resume else None)
+    with stop_requests() as stop:
+        for step in range(start, cfg.steps):
+            if cursor + cfg.batch_size > len(order):
+                order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
+            batch = [examples[j] for j in order[cursor : cursor + cfg.batch_size]]
+            cursor += cfg.batch_size
+            if cfg.anneal_lr:
+                for opt, lrs in zip((optimizer, vf_optimizer), base_lrs):
+                    for group, lr in zip(opt.param_groups, lrs):
+                        group["lr"] = lr * (1.0 - step / cfg.steps)
+            beta = controller.beta
+            ro = rollout(actor, batch, tokenizer, reward_fn, cfg, beta, ref_model, sample_gen)
+            stats = ppo_update(actor, optimizer, vf_optimizer, ro, cfg, generator)
+            seq_kl = ro.kl.sum(-1).mean().item()
+            if cfg.adaptive_kl:
+                controller.update(seq_kl, cfg.batch_size)
+            row = {"step": step, "score": ro.scores.mean().item(), "kl": seq_kl,
+                   "total_reward": ro.rewards.sum(-1).mean().item(), "beta": beta,
+                   "lr": optimizer.param_groups[0]["lr"], "response_len": ro.response_mask.sum(-1).mean().item(),
+                   "truncated": (~ro.has_eos).float().mean().item(), **stats}
+            if all("output" in ex for ex in batch):  # the world's rubric, whatever the reward was
+                row["true_score"] = sum(map(tasks.ground_truth_score, batch, ro.texts)) / len(batch)
+            log.write(row, score=row["score"], kl=seq_kl, beta=beta)
+            if out_dir:
+                save_checkpoint(Path(out_dir) / "rl_state.pt", loop_state(step, *parts, log.rows, beta=controller.beta,
+                                                                          order=order, cursor=cursor))
+            if stop and step < cfg.steps - 1:
+                log.close()
+                raise Interrupted(out_dir, step)
     log.close()
     return actor, log.rows
 
@@ -348,7 +367,12 @@ def train_ppo(policy, tokenizer, examples: list[dict], reward_fn, cfg: PPOConfig
 def run_ppo(run: RLRun, cfg: PPOConfig, peft_config=None, reward: str = "reward_model") -> dict:
     """PPO from run.sft on run.prompts with the reward of kind `reward` (rlhf.rewards); the policy, ppo_metrics.jsonl,
     ppo.png and results.json go to run.out_dir, with the evaluation before and after on the held-out prompts when
-    run.eval_prompts > 0. Returns the results (and the rows)."""
+    run.eval_prompts > 0. Returns the results (and the rows). run.resume continues an interrupted run."""
+    with claim(run.out_dir, run.resume, run.overwrite):
+        return _run_ppo(run, cfg, peft_config, reward)
+
+
+def _run_ppo(run: RLRun, cfg: PPOConfig, peft_config, reward: str) -> dict:
     from rlhf.evaluate import evaluate_policy
     from rlhf.prompts import builtin_prompts, load_prompts
     from rlhf.reward_model import load_reward_model, normalize_on_samples
@@ -378,8 +402,9 @@ def run_ppo(run: RLRun, cfg: PPOConfig, peft_config=None, reward: str = "reward_
     if test:
         results["before"] = evaluate()
     out_dir = Path(run.out_dir)
+    state = load_checkpoint(out_dir / "rl_state.pt") if run.resume else None
     actor, rows = train_ppo(pol.model, tokenizer, examples, make_reward(reward, tokenizer, rm), cfg,
-                            ref_model=pol.reference, out_dir=out_dir, progress=run.progress)
+                            ref_model=pol.reference, out_dir=out_dir, progress=run.progress, resume=state)
     if test:
         results["after"] = evaluate()
     plot_ppo(rows, out_dir / "ppo.png", title=f"PPO ({reward}, beta = {cfg.beta:g})")

@@ -53,8 +53,9 @@ import peft
 from minigpt import GPT, checkpoint, engine, tasks
 from minigpt.files import write_json
 from minigpt.model import disable_dropout
-from minigpt.options import HelpFormatter, add_options, from_args, option, run
-from minigpt.train import TrainConfig, train
+from minigpt.options import HelpFormatter, add_options, from_args, option, parse, run
+from minigpt.runs import claim
+from minigpt.train import TrainConfig, train, train_config_from
 from rlhf.plots import plot_reward_histogram
 from rlhf.preferences import collate_pairs, encode_pairs, fit_context, pad_right, random_pairs, read_pairs
 
@@ -276,7 +277,8 @@ def make_reward_model(sft_model: GPT, peft_config=None) -> RewardModel:
 
 
 def train_reward_model(rm: RewardModel, tokenizer, train_pairs, test_pairs, cfg: TrainConfig,
-                       center_coef: float = 0.0, eval_pairs: int = 200, template=None, meta=None) -> list[dict]:
+                       center_coef: float = 0.0, eval_pairs: int = 200, template=None, meta=None,
+                       resume=None) -> list[dict]:
     """Train rm in place with minigpt.train.train on the pairs; evaluates on the first eval_pairs test pairs."""
     rm.backbone.check_tokenizer(tokenizer)
     if getattr(rm.backbone, "peft_config", None) is not None:
@@ -298,7 +300,7 @@ def train_reward_model(rm: RewardModel, tokenizer, train_pairs, test_pairs, cfg:
         return metrics | {f"accuracy_{k}": v for k, v in by_kind.items()}
 
     meta = meta or checkpoint.describe(rm, "reward", template)
-    return train(rm, get_batch, loss_fn, cfg, evaluate, meta=dict(meta, tokenizer=tokenizer.to_dict()))
+    return train(rm, get_batch, loss_fn, cfg, evaluate, meta=dict(meta, tokenizer=tokenizer.to_dict()), resume=resume)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,7 +349,14 @@ def reward_data(rcfg: RewardConfig) -> tuple[list[dict], list[dict]]:
 def run_reward(rcfg: RewardConfig, cfg: TrainConfig, peft_config=None) -> dict:
     """Train a reward model from rcfg.sft, normalise it, score the held-out pairs (and the probes of the built-in
     set) and write its folder, histogram and results.json to cfg.out_dir. peft_config: the method for rcfg.peft
-    (None: all weights)."""
+    (None: all weights). cfg.resume continues the run in cfg.out_dir; another run there is refused unless
+    cfg.overwrite."""
+    with claim(cfg.out_dir, cfg.resume, cfg.overwrite):
+        return _run_reward(rcfg, cfg, peft_config)
+
+
+def _run_reward(rcfg: RewardConfig, cfg: TrainConfig, peft_config) -> dict:
+    from minigpt.sft import check_same_settings
     loaded = checkpoint.load(rcfg.sft, expect="gpt")
     sft_model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.info.get("template")
     train_pairs, test_pairs = reward_data(rcfg)
@@ -356,9 +365,12 @@ def run_reward(rcfg: RewardConfig, cfg: TrainConfig, peft_config=None) -> dict:
     out = Path(cfg.out_dir)
     made_from = {"sft": str(rcfg.sft), "data": rcfg.train_file or f"built-in preference pairs ({rcfg.n_pairs:,})"}
     settings = {"reward": dataclasses.asdict(rcfg), "train": dataclasses.asdict(cfg)}
+    state = checkpoint.load_resume_checkpoint(out) if cfg.resume else None
+    if state is not None:
+        check_same_settings(state, settings, out, ("reward",))
     meta = checkpoint.describe(rm, "reward", template, made_from, settings)
     rows = train_reward_model(rm, tokenizer, train_pairs, test_pairs, cfg, rcfg.center_coef, rcfg.eval_pairs,
-                              template, meta)
+                              template, meta, state)
     results = {"method": "full" if peft_config is None else peft_config.method, "iters": rows[-1]["iter"] + 1,
                "train_s": rows[-1]["elapsed_s"], "held_out_pairs": len(test_pairs)}
     results["trainable_params"], results["total_params"] = peft.count_parameters(rm)
@@ -402,7 +414,7 @@ def main(argv=None) -> dict:
     from minigpt.sft import method_config
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     rcfg = from_args(RewardConfig, args)
     method = rcfg.peft
     if method == "auto":  # a GPT-2-sized backbone trains through LoRA, the course's small models fully
@@ -414,7 +426,7 @@ def main(argv=None) -> dict:
     except ValueError as e:
         parser.error(str(e))
     lr = args.lr or (1e-3 if config is None else 1e-2)
-    cfg = from_args(TrainConfig, args, lr=lr, min_lr=args.min_lr if args.min_lr is not None else lr / 10)
+    cfg = train_config_from(parser, args, lr=lr, min_lr=args.min_lr if args.min_lr is not None else lr / 10)
     results = run_reward(rcfg, cfg, config)
     by_kind = ", ".join(f"{k} {v:.1%}" for k, v in results["accuracy_by_kind"].items())
     print(f"reward model ({results['method']}): held-out pairwise accuracy {results['accuracy']:.1%} ({by_kind}), "

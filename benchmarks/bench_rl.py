@@ -1,0 +1,192 @@
+"""Every alignment method from the same SFT model, in one table (make bench-rl).
+
+    python benchmarks/bench_rl.py --from out/pipeline     # the SFT and reward models make demo trained
+    python benchmarks/bench_rl.py                         # trains them first (the pipeline's first three stages)
+    python benchmarks/bench_rl.py --seeds 0 --methods ppo_rm,grpo_checker --jobs 2
+
+Rows: the SFT model, then PPO with the reward model, PPO with the verifiable reward (the world's checker), GRPO with
+the verifiable reward, DPO on the built-in preference pairs, and DPO on on-policy pairs (the SFT model's own samples
+ordered by the checker). Every RL method gets the same budget of sampled responses (BUDGET: PPO 30 steps x 64, GRPO
+30 steps x 8 prompts x 8, DPO's on-policy pairs from 480 prompts x 4); DPO on the built-in pairs samples nothing and
+trains as many optimizer steps as DPO on on-policy pairs. Each method runs with several seeds (the seed of its
+sampling and order); every run is evaluated on the same held-out prompts (rlhf.evaluate, 4 samples a prompt at
+temperature 1), and the table gives the mean over seeds +- their standard deviation, plus the gain in greedy
+accuracy over the SFT model on the same prompts (paired) +- its standard error. Runs go to worker processes
+(--jobs), each on one thread. Writes benchmarks/results/rl.md, rl.json and rl.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BUDGET = 1920  # sampled responses per RL run
+METHODS = {
+    "ppo_rm": "PPO + reward model",
+    "ppo_checker": "PPO + verifiable reward",
+    "grpo_checker": "GRPO + verifiable reward",
+    "dpo_builtin": "DPO, built-in pairs",
+    "dpo_on_policy": "DPO, on-policy pairs",
+}
+COLUMNS = [("greedy_accuracy", "greedy accuracy", True), ("sampled_accuracy", "sampled accuracy", True),
+           ("pass_at_k", "pass@4", True), ("true_score", "ground-truth score", False),
+           ("remarks", "remarks after the answer", True), ("kl", "KL to SFT (nats)", False)]
+
+
+def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int) -> dict:
+    """One method with one seed, in a worker process; returns its evaluation before and after, and its wall time."""
+    import torch
+
+    torch.set_num_threads(1)
+    from minigpt.train import TrainConfig
+    from rlhf.dpo import DPOConfig, run_dpo
+    from rlhf.grpo import GRPOConfig, run_grpo
+    from rlhf.policy import RLRun
+    from rlhf.ppo import PPOConfig, run_ppo
+
+    run = RLRun(sft=f"{base}/sft", reward=f"{base}/reward", out_dir=out, eval_prompts=eval_prompts, eval_samples=4,
+                progress=False, overwrite=True)
+    t0 = time.perf_counter()
+    if method.startswith("ppo"):
+        cfg = PPOConfig(steps=BUDGET // 64, batch_size=64, minibatch_size=16, lr=2e-5, vf_lr=1e-3, beta=0.5,
+                        seed=seed)
+        r = run_ppo(run, cfg, reward="reward_model" if method == "ppo_rm" else "checker")
+    elif method == "grpo_checker":
+        cfg = GRPOConfig(steps=BUDGET // 64, prompts_per_step=8, group_size=8, seed=seed)
+        r = run_grpo(run, cfg, reward="checker")
+    else:
+        dcfg = DPOConfig(pairs="builtin" if method == "dpo_builtin" else "on_policy", on_policy_prompts=BUDGET // 4,
+                         samples_per_prompt=4)
+        tcfg = TrainConfig(max_iters=200, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_iters=10, weight_decay=0.0,
+                           eval_interval=50, eval_iters=1, log_interval=5, out_dir=out, seed=1337 + seed,
+                           progress=False, overwrite=True)
+        r = run_dpo(run, dcfg, tcfg)
+    r.pop("rows", None)
+    return {"method": method, "seed": seed, "wall_s": time.perf_counter() - t0, "before": r["before"],
+            "after": r["after"]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """{method: {metric: {"mean", "sd"}, "gain": {"mean", "sd"}, "gain_se": ..., "wall_s": ...}} and the SFT row."""
+    from rlhf.evaluate import gain, over_seeds
+
+    table = {"sft": over_seeds([runs[0]["before"]])}
+    for method in METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        row = over_seeds([r["after"] for r in mine])
+        gains = [gain(r["before"], r["after"]) for r in mine]
+        row["gain"] = {"mean": statistics.fmean(g["mean"] for g in gains),
+                       "sd": statistics.stdev([g["mean"] for g in gains]) if len(gains) > 1 else 0.0}
+        row["gain_se"] = statistics.fmean(g["se"] for g in gains)  # the paired standard error of one run
+        row["wall_s"] = {"mean": statistics.fmean(r["wall_s"] for r in mine), "sd": 0.0}
+        row["seeds"] = len(mine)
+        table[method] = row
+    return table
+
+
+def write_table(table: dict, runs: list[dict], path: Path, args) -> str:
+    from rlhf.evaluate import fmt
+
+    n = runs[0]["before"]["n_prompts"]
+    lines = ["# Every alignment method from the same SFT model", "",
+             f"{n} held-out prompts (the built-in PPO test prompts), 4 samples each at temperature 1; the same SFT "
+             f"model ({args.base}/sft) and reward model for every run; each RL method sampled {BUDGET:,} responses "
+             f"(DPO on the built-in pairs none). Cells: mean over {max(r.get('seeds', 1) for r in table.values())} "
+             "seeds +- their standard deviation (the SFT row: one evaluation +- its standard error over prompts). "
+             "Greedy gain: greedy accuracy minus the SFT model's on the same prompts, with the paired standard "
+             "error of one run.", "",
+             "| method | " + " | ".join(label for _, label, _ in COLUMNS) + " | greedy gain (paired SE) | wall time |",
+             "|---|" + "---:|" * (len(COLUMNS) + 2)]
+    sft = runs[0]["before"]
+    cells = [fmt(sft[k], percent=pct) if k in sft else "-" for k, _, pct in COLUMNS]
+    lines.append("| SFT | " + " | ".join(cells) + " | - | - |")
+    for method, label in METHODS.items():
+        row = table.get(method)
+        if row is None:
+            continue
+        cells = [fmt(row[k], percent=pct) if k in row else "-" for k, _, pct in COLUMNS]
+        g = row["gain"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * g['mean']:+.1f} +- {100 * g['sd']:.1f} "
+                     f"({100 * row['gain_se']:.1f}) | {row['wall_s']['mean']:.0f} s |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["sft"] + [m for m in METHODS if m in table]
+    labels = ["SFT"] + [METHODS[m] for m in names[1:]]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, (key, title) in zip(axes, (("greedy_accuracy", "greedy accuracy"), ("sampled_accuracy",
+                                                                                "sampled accuracy"),
+                                       ("remarks", "remarks after the answer"), ("kl", "KL to SFT (nats)"))):
+        means = [table[m].get(key, {"mean": 0})["mean"] for m in names]
+        sds = [table[m].get(key, {"sd": 0}).get("sd", 0) for m in names]
+        ax.bar(range(len(names)), means, yerr=sds, color=[f"C{i}" for i in range(len(names))], capsize=3)
+        ax.set_xticks(range(len(names)), labels, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Alignment methods from the same SFT model (mean over seeds +- sd)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--from", dest="base", default=None, help="a pipeline output folder with sft/ and reward/ (default: "
+                   "train them into OUT/base)")
+    p.add_argument("--out", default="out/bench_rl", help="where the runs go (default out/bench_rl)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts (default 200)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where rl.md, rl.json, rl.png go")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+    if args.base is None:
+        from rlhf import pipeline
+
+        args.base = f"{args.out}/base"
+        pipeline.main(["--out-dir", args.base, "--no-progress", "--stages", "pretrain,sft,reward"])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [(m, s, args.base, f"{args.out}/{m}/seed{s}", args.eval_prompts) for m in methods for s in seeds]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(run_one, *zip(*jobs)))
+    table = summarize(runs)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "rl.json").write_text(json.dumps({"table": table, "runs": [
+        {k: v for k, v in r.items() if k not in ("before", "after")} | {"after": strip(r["after"])}
+        for r in runs], "sft": strip(runs[0]["before"]), "total_s": time.perf_counter() - t0,
+        "load": os.getloadavg()}, indent=1))
+    print(write_table(table, runs, results / "rl.md", args))
+    plot(table, results / "rl.png")
+
+
+def strip(evaluation: dict) -> dict:
+    return {k: v for k, v in evaluation.items() if k not in ("per_prompt", "greedy_answers")}
+
+
+if __name__ == "__main__":
+    main()
