@@ -122,4 +122,4 @@ def apply(model: nn.Module, config: AdapterConfig) -> None:
     if config.train_layernorm:
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
-                train_in_place(m, ["weight", "bias"])  # gain and bias, each with a frozen copy of the original
+                train_in_place(m, ["weight", "bias"], "adapter")  # gain and bias, each with a frozen copy

@@ -6,8 +6,8 @@ module as ``base`` and adds the method's computation. Setting ``disabled`` makes
 
 A method may also train some of the base model's own tensors in place (BitFit its biases, Houlsby adapters
 optionally the LayerNorms). ``train_in_place`` keeps a frozen copy of each such tensor (a non-persistent buffer named
-``peft_original_<name>`` on its module), so that ``peft.disable_adapters`` can swap the originals in and
-``peft.unload`` can put them back.
+``<method>_original_<name>`` on its module, e.g. ``bitfit_original_bias``), so that ``peft.disable_adapters`` can
+swap the originals in and ``peft.unload`` can put them back.
 
 What a method owns (what ``peft.save_adapter`` writes) is found from the structure, never from ``requires_grad``:
 the parameters of every AdapterLayer outside its ``base``, those of a module marked ``peft_module = True`` (the
@@ -21,7 +21,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-ORIGINAL = "peft_original_"  # prefix of the buffer holding the frozen copy of a tensor trained in place
+ORIGINAL = "_original_"  # <method>_original_<parameter>: the buffer holding the frozen copy of a tensor trained in place
 
 
 class Float32Adapter:
@@ -186,22 +186,27 @@ def find_modules(model: nn.Module, targets, module_type=nn.Module) -> list[str]:
 # -- tensors of the base model trained in place -----------------------------------------------------------------
 
 
-def train_in_place(module: nn.Module, names) -> None:
-    """Make module's parameters ``names`` trainable, keeping a frozen copy of each as a non-persistent buffer (it
-    follows the module across devices and dtypes). A missing parameter (None, e.g. a LayerNorm without bias) is
-    skipped."""
+def train_in_place(module: nn.Module, names, method: str) -> None:
+    """Make module's parameters ``names`` trainable, keeping a frozen copy of each as a non-persistent buffer
+    ``<method>_original_<name>`` (it follows the module across devices and dtypes). A missing parameter (None, e.g.
+    a LayerNorm without bias) is skipped."""
     for name in names:
         p = getattr(module, name)
         if p is None:
             continue
-        module.register_buffer(ORIGINAL + name, p.detach().clone(), persistent=False)
+        module.register_buffer(f"{method}{ORIGINAL}{name}", p.detach().clone(), persistent=False)
         p.requires_grad_(True)
 
 
-def trained_in_place(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(module name, module, parameter name) of every base tensor a method trains in place."""
-    return [(name, m, b[len(ORIGINAL) :]) for name, m in model.named_modules()
-            for b, _ in m.named_buffers(recurse=False) if b.startswith(ORIGINAL)]
+def trained_in_place(model: nn.Module) -> list[tuple[str, nn.Module, str, str]]:
+    """(module name, module, parameter name, buffer name) of every base tensor a method trains in place."""
+    found = []
+    for name, m in model.named_modules():
+        for b, _ in m.named_buffers(recurse=False):
+            param = b.partition(ORIGINAL)[2]
+            if param and param in m._parameters:
+                found.append((name, m, param, b))
+    return found
 
 
 @contextlib.contextmanager
@@ -210,28 +215,28 @@ def originals_swapped_in(model: nn.Module):
     saved copy's memory). The trained Parameter objects are put back afterwards, untouched: swapping objects instead
     of copying values leaves autograd graphs built before the block valid. Nested blocks are fine."""
     entries = trained_in_place(model)
-    trained = [getattr(m, p) for _, m, p in entries]
+    trained = [getattr(m, p) for _, m, p, _ in entries]
     try:
-        for _, m, p in entries:
-            setattr(m, p, nn.Parameter(getattr(m, ORIGINAL + p), requires_grad=False))
+        for _, m, p, b in entries:
+            setattr(m, p, nn.Parameter(getattr(m, b), requires_grad=False))
         yield model
     finally:
-        for (_, m, p), tensor in zip(entries, trained):
+        for (_, m, p, _), tensor in zip(entries, trained):
             setattr(m, p, tensor)
 
 
 def restore_originals(model: nn.Module) -> None:
     """Copy the originals back into the trained Parameters and drop the saved copies (``peft.unload``)."""
     with torch.no_grad():
-        for _, m, p in trained_in_place(model):
-            getattr(m, p).copy_(getattr(m, ORIGINAL + p))
-            delattr(m, ORIGINAL + p)
+        for _, m, p, b in trained_in_place(model):
+            getattr(m, p).copy_(getattr(m, b))
+            delattr(m, b)
 
 
 def keep_trained_values(model: nn.Module) -> None:
     """Drop the saved originals and keep the trained values for good (``peft.merge_and_unload`` of BitFit)."""
-    for _, m, p in trained_in_place(model):
-        delattr(m, ORIGINAL + p)
+    for _, m, _, b in trained_in_place(model):
+        delattr(m, b)
 
 
 def owned_names(model: nn.Module) -> set[str]:
@@ -243,5 +248,5 @@ def owned_names(model: nn.Module) -> set[str]:
             names |= {prefix + n for n, _ in m.named_parameters() if not n.startswith("base.")}
         elif getattr(m, "peft_module", False):
             names |= {prefix + n for n, _ in m.named_parameters()}
-    names |= {(f"{name}." if name else "") + p for name, _, p in trained_in_place(model)}
+    names |= {(f"{name}." if name else "") + p for name, _, p, _ in trained_in_place(model)}
     return names

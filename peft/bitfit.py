@@ -35,6 +35,7 @@ from minigpt.options import option
 from .base import find_modules, name_list, train_in_place, trained_in_place
 
 REDUCED_TARGETS = ["attn.query", "mlp.fc"]  # the paper's b_q and b_m2
+ORIGINAL = "bitfit_original_bias"  # name of the buffer holding the frozen copy of a module's original bias
 TRAINS_BASE_TENSORS_ONLY = True  # peft.merge_and_unload keeps the trained biases and drops the originals
 
 
@@ -84,4 +85,4 @@ def apply(model: nn.Module, config: BitFitConfig) -> None:
     if trained_in_place(model):
         raise ValueError("the model already carries BitFit; call peft.unload(model) first")
     for name in selected_modules(model, config):
-        train_in_place(model.get_submodule(name), ["bias"])
+        train_in_place(model.get_submodule(name), ["bias"], "bitfit")  # the copy: module.bitfit_original_bias

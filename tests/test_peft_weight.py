@@ -1002,3 +1002,14 @@ def test_fp32_adapter_keeps_the_methods_tensors_float32_in_a_bf16_model(config, 
     peft.get_peft_model(without, config)
     without.to(torch.bfloat16)  # the default: everything follows the cast
     assert all(p.dtype == torch.bfloat16 for p in without.parameters())
+
+
+def test_bitfit_keeps_each_original_bias_under_its_documented_name():
+    """notebooks/06a_bitfit.ipynb reads the copies as module.bitfit_original_bias (peft.bitfit.ORIGINAL)."""
+    model = tiny()
+    fc_bias = model.encoder.blocks[0].mlp.fc.bias.detach().clone()
+    peft.get_peft_model(model, peft.BitFitConfig())
+    randomise(model)
+    fc = model.encoder.blocks[0].mlp.fc
+    assert peft.bitfit.ORIGINAL == "bitfit_original_bias"
+    assert torch.equal(getattr(fc, peft.bitfit.ORIGINAL), fc_bias) and not torch.equal(fc.bias, fc_bias)
