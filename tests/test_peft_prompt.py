@@ -658,3 +658,24 @@ def test_shift_positions_survives_export_and_saving(tmp_path):
     peft.save_adapter(model, tmp_path / "p.safetensors")
     fresh = peft.load_adapter(copy.deepcopy(plain), tmp_path / "p.safetensors")
     torch.testing.assert_close(fresh(x)[0], before, atol=1e-6, rtol=1e-6)
+
+
+@METHODS
+def test_fp32_prompts_in_a_bf16_model(name):
+    """get_peft_model(..., fp32_adapter=True): the prompt (or prefix, or encoder) stays float32 through a bf16 cast of
+    the model, and the outputs follow the float32 model's."""
+    plain, reference = patched(CONFIGS[name])
+    model = peft.get_peft_model(copy.deepcopy(plain), CONFIGS[name], fp32_adapter=True)
+    model.load_state_dict(reference.state_dict())
+    model.to(torch.bfloat16)
+    owned = peft.adapter_state_dict(model)
+    assert owned and all(t.dtype == torch.float32 for t in owned.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in owned)
+    x = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        out = model(x)[0]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(x)[0].detach(), atol=0.1, rtol=0.05)
+    _, loss = model.train()(x[:, :-1], targets=x[:, 1:])
+    loss.backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in model.parameters() if t.requires_grad)
