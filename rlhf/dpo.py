@@ -231,8 +231,7 @@ def run_dpo(run: RLRun, dcfg: DPOConfig, cfg: TrainConfig, peft_config=None) -> 
 
 def _run_dpo(run: RLRun, dcfg: DPOConfig, cfg: TrainConfig, peft_config) -> dict:
     from minigpt.sft import check_same_settings
-    from rlhf.evaluate import evaluate_policy
-    from rlhf.prompts import builtin_prompts
+    from rlhf.evaluate import held_out
 
     pol = open_policy(run.sft, peft_config)
     model, tokenizer = pol.model, pol.tokenizer
@@ -241,14 +240,9 @@ def _run_dpo(run: RLRun, dcfg: DPOConfig, cfg: TrainConfig, peft_config) -> dict
     pad = tokenizer.pad_token_id
     ref_train = reference_logprobs(model, train_set, pad, pol.reference)
     ref_test = reference_logprobs(model, test_set, pad, pol.reference)
-    test = builtin_prompts(n_test=run.eval_prompts)[1] if run.eval_prompts else []
     results = {"pairs": source, "n_train_pairs": len(train_set)}
-
-    def evaluate():
-        return evaluate_policy(model, tokenizer, test, k=run.eval_samples, max_new_tokens=dcfg.max_new_tokens,
-                               temperature=run.eval_temperature, with_kl=True, reference=pol.reference)
-
-    if test:
+    evaluate = held_out(run, pol, max_new_tokens=dcfg.max_new_tokens)
+    if evaluate:
         results["before"] = evaluate()
 
     def get_batch(generator):
@@ -281,7 +275,7 @@ def _run_dpo(run: RLRun, dcfg: DPOConfig, cfg: TrainConfig, peft_config) -> dict
     meta = checkpoint.describe(model, "dpo", pol.info.get("template"), made_from, settings)
     rows = train(model, get_batch, loss_fn, cfg, evaluation, meta=dict(meta, tokenizer=tokenizer.to_dict()),
                  resume=state)
-    if test:
+    if evaluate:
         results["after"] = evaluate()
     out_dir = Path(cfg.out_dir)
     plot_metrics([dict(r, step=r["iter"]) for r in rows], out_dir / "dpo.png", DPO_PANELS,

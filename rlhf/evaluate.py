@@ -123,6 +123,19 @@ def gain(before: dict, after: dict, metric: str = "greedy_accuracy") -> dict:
     return dict(zip(("mean", "se"), mean_se(diffs)))
 
 
+def held_out(run, pol, rm=None, max_new_tokens: int = 24):
+    """A function that evaluates the policy pol (rlhf.policy.Policy) on run.eval_prompts built-in held-out prompts,
+    with run.eval_samples samples each at run.eval_temperature, the KL to its reference and rm's scores; None when
+    run.eval_prompts is 0."""
+    if not run.eval_prompts:
+        return None
+    from rlhf.prompts import builtin_prompts
+
+    test = builtin_prompts(n_test=run.eval_prompts)[1]
+    return lambda: evaluate_policy(pol.model, pol.tokenizer, test, k=run.eval_samples, max_new_tokens=max_new_tokens,
+                                   temperature=run.eval_temperature, with_kl=True, reference=pol.reference, rm=rm)
+
+
 def over_seeds(results: list[dict]) -> dict:
     """{metric: {"mean", "sd"}} across runs (the standard deviation of the runs' means; 0 for one run)."""
     out = {}

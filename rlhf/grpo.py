@@ -269,37 +269,27 @@ def run_grpo(run: RLRun, cfg: GRPOConfig, peft_config=None, reward: str = "check
 
 
 def _run_grpo(run: RLRun, cfg: GRPOConfig, peft_config, reward: str) -> dict:
-    from rlhf.evaluate import evaluate_policy
-    from rlhf.prompts import builtin_prompts, load_prompts
-    from rlhf.reward_model import load_reward_model
-    from rlhf.rewards import make_reward
+    from rlhf.evaluate import held_out
+    from rlhf.prompts import load_prompts
+    from rlhf.rewards import make_reward, open_reward_model
 
     pol = open_policy(run.sft, peft_config)
     tokenizer = pol.tokenizer
-    rm = None
-    if reward in ("reward_model", "both") or (run.reward and Path(run.reward).exists()):
-        rm, _ = load_reward_model(run.reward)
-        rm.to(next(pol.model.parameters()).device)
+    rm = open_reward_model(run.reward, reward, tokenizer, next(pol.model.parameters()).device)
     examples, source = load_prompts(run.prompts, pol.info.get("template"))
-    test = builtin_prompts(n_test=run.eval_prompts)[1] if run.eval_prompts else []
     results = {"reward": reward}
-
-    def evaluate():
-        return evaluate_policy(pol.model, tokenizer, test, k=run.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                               temperature=run.eval_temperature, with_kl=True, reference=pol.reference, rm=rm)
-
-    if test:
+    evaluate = held_out(run, pol, rm, cfg.max_new_tokens)
+    if evaluate:
         results["before"] = evaluate()
     out_dir = Path(run.out_dir)
     state = load_checkpoint(out_dir / "rl_state.pt") if run.resume else None
     rows = train_grpo(pol.model, tokenizer, examples, make_reward(reward, tokenizer, rm), cfg, pol.reference,
                       out_dir, run.progress, resume=state)
-    if test:
+    if evaluate:
         results["after"] = evaluate()
     plot_metrics(rows, out_dir / "grpo.png", GRPO_PANELS, f"GRPO ({reward}, {cfg.loss_type}, beta = {cfg.beta:g})",
                  "GRPO step")
-    made_from = {"sft": run.sft, "reward": run.reward if reward in ("reward_model", "both") else None,
-                 "prompts": source}
+    made_from = {"sft": run.sft, "reward": run.reward if rm is not None else None, "prompts": source}
     save_policy(out_dir, pol, "grpo", made_from, {"grpo": dataclasses.asdict(cfg), "run": dataclasses.asdict(run),
                                                   "reward": reward})
     results.update(first_row=rows[0], last_row=rows[-1])

@@ -373,43 +373,31 @@ def run_ppo(run: RLRun, cfg: PPOConfig, peft_config=None, reward: str = "reward_
 
 
 def _run_ppo(run: RLRun, cfg: PPOConfig, peft_config, reward: str) -> dict:
-    from rlhf.evaluate import evaluate_policy
-    from rlhf.prompts import builtin_prompts, load_prompts
-    from rlhf.reward_model import load_reward_model, normalize_on_samples
-    from rlhf.rewards import make_reward
+    from rlhf.evaluate import held_out
+    from rlhf.prompts import load_prompts
+    from rlhf.reward_model import normalize_on_samples
+    from rlhf.rewards import make_reward, open_reward_model
 
     pol = open_policy(run.sft, peft_config)
     tokenizer = pol.tokenizer
-    rm = None  # loaded for the reward, or only to report its scores when the checker is the reward
-    if reward in ("reward_model", "both") or (run.reward and Path(run.reward).exists()):
-        rm, rm_tokenizer = load_reward_model(run.reward)
-        if rm_tokenizer.to_dict() != tokenizer.to_dict():
-            raise ValueError(f"the reward model {run.reward} uses tokenizer {rm_tokenizer.name!r}, the policy "
-                             f"{run.sft} uses {tokenizer.name!r}: they must be the same")
-        rm.to(next(pol.model.parameters()).device)
+    rm = open_reward_model(run.reward, reward, tokenizer, next(pol.model.parameters()).device)
     examples, source = load_prompts(run.prompts, pol.info.get("template"))
     results = {"reward": reward}
     if rm is not None and cfg.normalize_reward:  # on the policy's own samples, drawn as the rollouts will be
         picked = [examples[i % len(examples)]["prompt"] for i in range(cfg.normalize_samples)]
         results["normalization"] = normalize_on_samples(rm, pol.model, tokenizer, picked, cfg.max_new_tokens,
                                                         cfg.temperature, seed=cfg.seed + 1)
-    test = builtin_prompts(n_test=run.eval_prompts)[1] if run.eval_prompts else []
-
-    def evaluate():
-        return evaluate_policy(pol.model, tokenizer, test, k=run.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                               temperature=run.eval_temperature, with_kl=True, reference=pol.reference, rm=rm)
-
-    if test:
+    evaluate = held_out(run, pol, rm, cfg.max_new_tokens)
+    if evaluate:
         results["before"] = evaluate()
     out_dir = Path(run.out_dir)
     state = load_checkpoint(out_dir / "rl_state.pt") if run.resume else None
     actor, rows = train_ppo(pol.model, tokenizer, examples, make_reward(reward, tokenizer, rm), cfg,
                             ref_model=pol.reference, out_dir=out_dir, progress=run.progress, resume=state)
-    if test:
+    if evaluate:
         results["after"] = evaluate()
     plot_ppo(rows, out_dir / "ppo.png", title=f"PPO ({reward}, beta = {cfg.beta:g})")
-    made_from = {"sft": run.sft, "reward": run.reward if reward in ("reward_model", "both") else None,
-                 "prompts": source}
+    made_from = {"sft": run.sft, "reward": run.reward if rm is not None else None, "prompts": source}
     settings = {"ppo": dataclasses.asdict(cfg), "run": dataclasses.asdict(run), "reward": reward}
     save_policy(out_dir, pol, "ppo", made_from, settings)
     results.update(first_row=rows[0], last_row=rows[-1], params=sum(p.numel() for p in actor.parameters()))

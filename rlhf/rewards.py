@@ -72,3 +72,20 @@ def make_reward(kind: str, tokenizer, rm=None):
     if kind in ("checker", "exact"):
         return checker_reward(tokenizer, exact=kind == "exact")
     return summed(reward_model_reward(rm), checker_reward(tokenizer))
+
+
+def open_reward_model(path, kind: str, tokenizer, device):
+    """The reward model at path, frozen and on device, when the reward of kind uses it, or when a reward model is
+    there anyway (its scores are then reported beside the checker's); None otherwise. It must share the policy's
+    tokenizer."""
+    from pathlib import Path
+
+    from rlhf.reward_model import load_reward_model
+
+    if kind not in ("reward_model", "both") and not (path and Path(path).exists()):
+        return None
+    rm, rm_tokenizer = load_reward_model(path)
+    if rm_tokenizer.to_dict() != tokenizer.to_dict():
+        raise ValueError(f"the reward model {path} uses tokenizer {rm_tokenizer.name!r}, the policy uses "
+                         f"{tokenizer.name!r}: they must be the same")
+    return rm.to(device)
