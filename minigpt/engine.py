@@ -61,19 +61,45 @@ class LayerCache:
 class KVCache:
     """A LayerCache per block, plus which cached positions are real tokens and how many each row has seen.
 
-    key_mask (B, S): True for a real token, False for padding (and True for virtual tokens of a prompt method).
-    n_seen (B,): real tokens seen per row; the next token's position id.
+    key_mask (B, S): True for a real token, False for padding (and True for virtual tokens of a prompt method),
+        a view of a buffer allocated once, like the keys and values.
+    n_seen: real tokens seen per row, the next token's position id: an int while every row has seen as many,
+        a (B,) tensor once a mask made them differ.
+    padded: whether a mask was ever given (then attention needs an explicit mask).
     capacity: positions each layer allocates up front (the engine passes block_size).
     """
 
     def __init__(self, n_layer: int, capacity: int = 0):
         self.layers = [LayerCache(capacity) for _ in range(n_layer)]
-        self.key_mask = None
-        self.n_seen = None
-        self.padded = False  # whether any cached position is padding (then attention needs an explicit mask)
+        self.capacity = capacity
+        self.length = 0  # cached positions, virtual tokens included
+        self._key_mask = None  # (B, capacity) bool, True where not yet written
+        self.n_seen = 0
+        self.padded = False
 
     def __len__(self):
-        return 0 if self.key_mask is None else self.key_mask.size(1)
+        return self.length
+
+    @property
+    def key_mask(self):
+        return None if self._key_mask is None else self._key_mask[:, : self.length]  # (B, S)
+
+    def append(self, mask, B: int, T: int, n_virtual: int = 0, device=None):
+        """Record n_virtual + T new positions: n_virtual virtual tokens (real keys, but not tokens seen), then T
+        tokens whose mask (B, T) bool says which are real (None: all). Returns the key mask over every cached
+        position, (B, S), or None while no mask was ever given."""
+        n = n_virtual + T
+        if self._key_mask is None or self.length + n > self._key_mask.size(1):
+            grown = torch.ones(B, max(self.capacity, 2 * (self.length + n)), dtype=torch.bool, device=device)
+            if self._key_mask is not None:
+                grown[:, : self.length] = self._key_mask[:, : self.length]
+            self._key_mask = grown
+        if mask is not None:
+            self._key_mask[:, self.length + n_virtual : self.length + n] = mask
+            self.padded = True
+        self.n_seen = self.n_seen + (T if mask is None else mask.sum(-1))  # an int + an int stays an int
+        self.length += n
+        return self.key_mask if self.padded else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,6 +152,13 @@ def context_window(model) -> int:
     return model.config.block_size - getattr(model.input_layer, "num_virtual_tokens", 0)
 
 
+def next_token_logits(model, idx, attention_mask=None, cache=None):
+    """The logits of each row's next token, (B, V): the output layer on the last position only, the one a decoding
+    step needs (on every position it would cost T times as much). Arguments as for GPT.hidden_states."""
+    h = model.hidden_states(idx, attention_mask=attention_mask, cache=cache)  # (B, T, C)
+    return model.output_layer(h[:, -1])  # (B, V)
+
+
 def _steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, fill_token_id, attention_mask,
            generator, use_cache):
     """Yield (next_token (B,), logits (B, V)) for each new position. idx (B, T) and attention_mask (B, T) or None."""
@@ -136,28 +169,28 @@ def _steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, 
     device = idx.device
     seq = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=device)  # every token, written in place
     seq[:, :T] = idx
-    mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
-    if attention_mask is not None:
+    padded = attention_mask is not None
+    mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)  # new tokens are real
+    if padded:
         mask[:, :T] = attention_mask.bool()
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     window = context_window(model)
     cache = KVCache(model.config.n_layer, model.config.block_size) if use_cache else None
     start = max(0, T - window)  # the first step reads at most `window` tokens: a longer prompt slides at once
-    step_input, step_mask = seq[:, start:T], mask[:, start:T]
+    step_input, step_mask = seq[:, start:T], mask[:, start:T] if padded else None
     for t in range(T, T + max_new_tokens):
         if cache is not None and t - start > window:
             cache = None  # context full: slide the window from now on
         if cache is None:
             lo = max(0, t - window)
-            step_input, step_mask = seq[:, lo:t], mask[:, lo:t]
-        logits, _ = model(step_input, attention_mask=None if attention_mask is None else step_mask, cache=cache)
-        logits = logits[:, -1, :]  # (B, V)
+            step_input, step_mask = seq[:, lo:t], mask[:, lo:t] if padded else None
+        logits = next_token_logits(model, step_input, step_mask, cache)  # (B, V)
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_token_id is not None:
             next_token = torch.where(finished, torch.full_like(next_token, fill_token_id), next_token)
             finished |= next_token == eos_token_id
         seq[:, t] = next_token
-        step_input, step_mask = seq[:, t : t + 1], mask[:, t : t + 1]
+        step_input, step_mask = seq[:, t : t + 1], None  # the cache remembers the prompt's padding
         yield next_token, logits
         if eos_token_id is not None and bool(finished.all()):
             return

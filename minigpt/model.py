@@ -245,8 +245,8 @@ class GPT(nn.Module):
             if idx.dim() != 2:
                 raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)} ({idx.dim()} dimensions)")
             B, T = idx.shape
-            if idx.numel() > 0:
-                lo, hi = int(idx.min()), int(idx.max())
+            if idx.numel() > 0 and not torch.compiler.is_compiling():  # a compiled graph cannot read values
+                lo, hi = (int(v) for v in torch.aminmax(idx))
                 if lo < 0 or hi >= self.config.vocab_size:
                     bad = hi if hi >= self.config.vocab_size else lo
                     raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
@@ -262,18 +262,26 @@ class GPT(nn.Module):
     @staticmethod
     def _position_ids(mask, cache, B, T, device):
         """Position of each new token among the real tokens of its row, so left padding takes no position."""
-        start = torch.zeros(B, dtype=torch.long, device=device) if cache is None or cache.n_seen is None else cache.n_seen
+        start = 0 if cache is None else cache.n_seen  # real tokens seen: an int, or (B,) once the rows differ
+        if mask is None and not torch.is_tensor(start):
+            return torch.arange(start, start + T, device=device).expand(B, T)  # (B, T)
+        if torch.is_tensor(start):
+            start = start[:, None]  # (B, 1)
         if mask is None:
-            return start[:, None] + torch.arange(T, device=device)  # (B, T)
-        return start[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            return start + torch.arange(T, device=device)  # (B, T)
+        return start + (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
     @staticmethod
     def _attention_mask(key_mask, T):
         """(B, 1, T, S) bool: query i (the i-th of the last T positions) sees real keys up to its own position."""
         B, S = key_mask.shape
+        # a padding query would see no key at all (SDPA would return NaN there): let every query see itself
+        if T == 1:  # one new token (a decoding step): it sees every real key, and itself
+            mask = key_mask[:, None, None, :].clone()  # (B, 1, 1, S)
+            mask[..., -1] = True
+            return mask
         causal = torch.ones(T, S, dtype=torch.bool, device=key_mask.device).tril(diagonal=S - T)  # (T, S)
         mask = causal & key_mask[:, None, None, :]  # (B, 1, T, S)
-        # a padding query would see no key at all (SDPA would return NaN there): let every query see itself
         itself = torch.ones(T, S, dtype=torch.bool, device=key_mask.device).tril(S - T).triu(S - T)  # (T, S)
         return mask | itself
 
@@ -295,19 +303,12 @@ class GPT(nn.Module):
         position_ids = self._position_ids(mask, cache, B, T, device)  # (B, T)
         x = self.input_layer(idx, position_ids, inputs_embeds=inputs_embeds, past_length=past)  # (B, T', C)
         n_virtual = x.size(1) - T  # > 0 when a patched input layer prepended virtual tokens
-        if n_virtual and mask is not None:
-            mask = torch.cat([torch.ones(B, n_virtual, dtype=torch.bool, device=device), mask], dim=1)
-
-        padded = mask is not None
         if cache is not None:  # remember which cached positions are real, and how many tokens each row has seen
-            new_mask = torch.ones(B, T + n_virtual, dtype=torch.bool, device=device) if mask is None else mask
-            cache.key_mask = new_mask if cache.key_mask is None else torch.cat([cache.key_mask, new_mask], dim=1)
-            n_new = new_mask[:, n_virtual:].sum(-1)
-            cache.n_seen = n_new if cache.n_seen is None else cache.n_seen + n_new
-            cache.padded = cache.padded or padded
-            padded, mask = cache.padded, cache.key_mask
+            mask = cache.append(mask, B, T, n_virtual, device)  # (B, S) over every cached position, or None
+        elif n_virtual and mask is not None:  # virtual tokens are real keys
+            mask = torch.cat([torch.ones(B, n_virtual, dtype=torch.bool, device=device), mask], dim=1)  # (B, T')
         # without padding, None selects SDPA's causal fast path (CausalSelfAttention.attend)
-        attn_mask = self._attention_mask(mask, x.size(1)) if padded else None
+        attn_mask = None if mask is None else self._attention_mask(mask, x.size(1))
 
         x = self.encoder(x, attn_mask, cache)  # (B, T', C)
         return x[:, n_virtual:] if n_virtual else x  # the real tokens only: (B, T, C)

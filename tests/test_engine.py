@@ -95,3 +95,34 @@ def test_a_prompt_method_at_the_context_edge_generates_with_the_cache():
         cached = engine.generate(model, idx, 3, temperature=0)
         uncached = engine.generate(model, idx, 3, temperature=0, use_cache=False)
         assert torch.equal(cached, uncached), n
+
+
+@pytest.mark.parametrize("n_virtual", [0, 4])
+def test_a_padded_batch_decoded_step_by_step_gives_each_row_alone(n_virtual):
+    # a KVCache with no capacity grows its keys, values and key mask by doubling; the prompt step carries the
+    # padding, the one-token steps after it pass no mask (the cache remembers which positions were padding);
+    # n_virtual: prompt tuning's virtual tokens come first in the cache, real keys that are not tokens seen
+    model = tiny_gpt(32).eval()
+    if n_virtual:
+        model = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=n_virtual)).eval()
+    rows = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5]]
+    ids, mask = engine.left_pad(rows, PAD)
+    extra = torch.tensor([[7, 8, 9, 10, 11, 12, 13]] * 3)  # the same seven tokens after every prompt
+    cache = engine.KVCache(model.config.n_layer)
+    with torch.no_grad():
+        steps = [engine.next_token_logits(model, ids, mask, cache)]
+        steps += [engine.next_token_logits(model, extra[:, t : t + 1], None, cache) for t in range(7)]  # regrows
+        assert len(cache) == n_virtual + 6 + 7
+        assert cache.key_mask.tolist()[1] == [True] * n_virtual + [False] * 4 + [True] * 9
+        assert cache.n_seen.tolist() == [13, 9, 10]  # real tokens per row: the next position ids
+        for b, row in enumerate(rows):
+            alone = model(torch.tensor([row + extra[0].tolist()]))[0][0]  # (T, V), no cache, no padding
+            expected = alone[len(row) - 1 :]  # the logits after the prompt and after each extra token
+            torch.testing.assert_close(torch.stack([s[b] for s in steps]), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_next_token_logits_are_the_last_position_of_the_full_forward():
+    model = tiny_gpt(32).eval()
+    idx = torch.randint(0, 30, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(engine.next_token_logits(model, idx), model(idx)[0][:, -1], atol=1e-6, rtol=0)
