@@ -3,6 +3,7 @@
 - ``select_device("auto")``: a CUDA GPU, else Apple's MPS, else the CPU;
 - ``precision(device)``: bf16 autocast on GPUs that support it, fp16 autocast with a GradScaler on other GPUs, plain
   float32 on CPU and MPS;
+- ``maybe_compile(model, device)``: torch.compile when the compiler it needs is installed, else eager with a message;
 - ``init_processes()``: under ``torchrun --nproc_per_node=N`` each process joins the group (gloo on CPU, nccl on GPUs)
   and learns its rank; alone, it is rank 0 of 1.
 """
@@ -42,6 +43,36 @@ def precision(device: torch.device, dtype: str = "auto"):
     ctx = torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
     scaler = torch.amp.GradScaler(device.type) if dtype == "float16" else None
     return ctx, scaler
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on this device, or None if it can: inductor writes C++ for the CPU (a C++
+    compiler must be installed) and Triton kernels for CUDA GPUs (the triton package must be installed)."""
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception:  # noqa: BLE001 - any failure to find one means the same thing here
+            return "torch.compile needs a C++ compiler on the CPU (g++ or clang++, or set CXX) and found none"
+    elif device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile needs the triton package on CUDA GPUs and it is not installed"
+    return None
+
+
+def maybe_compile(model, device: torch.device, enabled: bool = True):
+    """torch.compile(model) when enabled and possible; otherwise the model itself, after a one-line message saying
+    why (eager mode computes the same thing, only more slowly)."""
+    if not enabled:
+        return model
+    missing = compiler_missing(device)
+    if missing:
+        print(f"{missing}: running in eager mode instead", flush=True)
+        return model
+    return torch.compile(model)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import describe, load_checkpoint, save_checkpoint, save_model
 from .config import PRESETS, GPTConfig, preset
-from .device import Processes, init_processes, precision, select_device
+from .device import Processes, init_processes, maybe_compile, precision, select_device
 from .model import GPT
 from .options import HelpFormatter, add_options, from_args, option, parse, run
 from .runs import Interrupted, claim, stop_requests
@@ -128,10 +128,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
 
 
 def configure_optimizer(model, cfg: TrainConfig, device_type: str, eps: float = 1e-8):
+    """AdamW on param_groups, with its fused kernel on CPU and CUDA: one pass over all the tensors instead of a chain
+    of small kernels per step (the same update up to float rounding; the README has the measured gain)."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     if not groups[0]["params"] and not groups[1]["params"]:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=eps, fused=device_type == "cuda")
+    fused = device_type in ("cpu", "cuda") and all(p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=eps, fused=fused or None)
 
 
 # -- the loop's helpers ----------------------------------------------------------------------------------------
@@ -185,8 +188,7 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
         else:
             torch.manual_seed(cfg.seed + procs.rank + resume["iter"])
         start, best_val, elapsed_before = resume["iter"] + 1, resume["best_val_loss"], resume.get("elapsed_s", 0.0)
-    if cfg.compile:
-        model = torch.compile(model)
+    model = maybe_compile(model, device, cfg.compile)  # eager, with a message, when no compiler is installed
     if procs.world_size > 1:
         model = DDP(model, device_ids=[procs.local_rank] if device.type == "cuda" else None)
 
@@ -469,13 +471,12 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
     def loss_fn(m, batch):
         return m(batch[0], batch[1])[1]
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad)
     def evaluate(m):
         m.eval()
         device = next(m.parameters()).device
-        losses = [m(x.to(device), y.to(device))[1].item()
-                  for x, y in window_batches(data.val, val_offsets, cfg.batch_size, T)]
-        return {"val_loss": float(np.mean(losses))}
+        losses = [m(x.to(device), y.to(device))[1] for x, y in window_batches(data.val, val_offsets, cfg.batch_size, T)]
+        return {"val_loss": float(np.mean(torch.stack(losses).tolist()))}  # one device sync, not one per batch
 
     if procs.is_main:
         print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "

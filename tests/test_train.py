@@ -238,3 +238,59 @@ def test_cli_no_bias_builds_a_model_without_biases(tmp_path):
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["model_config"]["bias"] is False
     assert not [k for k in ckpt["model"] if k.endswith(".bias")]
+
+
+# -- the optimizer, torch.compile and the evaluation ---------------------------------------------------------
+
+
+def test_the_fused_adamw_on_cpu_takes_adamws_first_step():
+    # step 1 of AdamW (Loshchilov & Hutter 2019): p <- p - lr * wd * p - lr * m_hat / (sqrt(v_hat) + eps), with
+    # m_hat = g and v_hat = g^2 after bias correction; weight decay only in the first group
+    model = GPT(preset("tiny", vocab_size=20))
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt = train_mod.configure_optimizer(model, cfg, "cpu")
+    assert opt.defaults["fused"] is True
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p0, grad = before[id(p)], p.grad
+            expected = p0 - 1e-2 * group["weight_decay"] * p0 - 1e-2 * grad / (grad.abs() + 1e-8)
+            torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_compile_without_a_compiler_trains_in_eager_mode_and_says_so(tmp_path, monkeypatch, capsys):
+    import torch._inductor.config as inductor_config
+
+    from minigpt.device import compiler_missing, maybe_compile
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    assert "C++ compiler" in compiler_missing(torch.device("cpu"))
+    model = GPT(preset("tiny", vocab_size=20))
+    assert maybe_compile(model, torch.device("cpu"), enabled=True) is model
+    assert "running in eager mode" in capsys.readouterr().out
+    assert maybe_compile(model, torch.device("cpu"), enabled=False) is model
+
+
+def test_pretraining_evaluates_the_mean_loss_over_the_fixed_windows(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "run"
+    train_mod.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny",
+                    "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "3", "--batch-size", "4",
+                    "--out-dir", str(out), "--no-progress", "--no-plot"])
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
+    ckpt = load_checkpoint(out / "ckpt.pt")  # the model the evaluation saw, after the one step
+    model = GPT(preset("tiny", vocab_size=ckpt["model_config"]["vocab_size"]))
+    model.load_state_dict(ckpt["model"])
+    data = prepare([TEXT], out / "data", "char")
+    T = model.config.block_size
+    val = data.val.astype(np.int64)
+    losses = []  # window by window, each its own forward pass
+    with torch.no_grad():
+        for i in fixed_windows(data.val, 3 * 4, T):
+            x, y = torch.from_numpy(val[i : i + T])[None], torch.from_numpy(val[i + 1 : i + 1 + T])
+            losses.append(torch.nn.functional.cross_entropy(model(x)[0][0], y).item())
+    assert logged == pytest.approx(sum(losses) / len(losses), abs=1e-5)
