@@ -98,7 +98,8 @@ def prepare(documents: list[str], data_dir, tokenizer_spec: str = "bpe", vocab_s
         raise ValueError(f"{source}: no text to train on")
     tokenizer = get_tokenizer(tokenizer_spec, text=text, vocab_size=vocab_size)
     ids = []
-    encoded = tokenizer.encode_batch(documents) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, documents)
+    batch = getattr(tokenizer, "encode_batch", None)
+    encoded = batch(documents) if batch is not None else map(tokenizer.encode, documents)
     for doc_ids in encoded:
         ids.extend(doc_ids)
         ids.append(tokenizer.eos_token_id)

@@ -145,7 +145,8 @@ def hf_config(config: GPTConfig, eos_token_id: int | None = None) -> dict:
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """The inverse of convert_hf_state_dict: this library's names to GPT-2's (the tied lm_head left out)."""
-    out = {"transformer.wte.weight": sd["input_layer.wte.weight"], "transformer.wpe.weight": sd["input_layer.wpe.weight"]}
+    out = {"transformer.wte.weight": sd["input_layer.wte.weight"],
+           "transformer.wpe.weight": sd["input_layer.wpe.weight"]}
     for i in range(config.n_layer):
         h, b = f"transformer.h.{i}.", f"encoder.blocks.{i}."
         for ln in ("ln_1", "ln_2"):
@@ -153,9 +154,11 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
         qkv = ("query", "key", "value")
         out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{n}.weight"] for n in qkv]).t()  # (C, 3C)
         out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{n}.bias"] for n in qkv])
-        out[h + "attn.c_proj.weight"], out[h + "attn.c_proj.bias"] = sd[b + "attn.proj.weight"].t(), sd[b + "attn.proj.bias"]
+        out[h + "attn.c_proj.weight"] = sd[b + "attn.proj.weight"].t()
+        out[h + "attn.c_proj.bias"] = sd[b + "attn.proj.bias"]
         out[h + "mlp.c_fc.weight"], out[h + "mlp.c_fc.bias"] = sd[b + "mlp.fc.weight"].t(), sd[b + "mlp.fc.bias"]
-        out[h + "mlp.c_proj.weight"], out[h + "mlp.c_proj.bias"] = sd[b + "mlp.proj.weight"].t(), sd[b + "mlp.proj.bias"]
+        out[h + "mlp.c_proj.weight"] = sd[b + "mlp.proj.weight"].t()
+        out[h + "mlp.c_proj.bias"] = sd[b + "mlp.proj.bias"]
     out["transformer.ln_f.weight"] = sd["output_layer.ln_f.weight"]
     out["transformer.ln_f.bias"] = sd["output_layer.ln_f.bias"]
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}

@@ -1,4 +1,6 @@
-"""Generate text from any model the project writes: ``python -m minigpt.sample --ckpt out/pretrain --prompt "Tom went"``.
+"""Generate text from any model the project writes.
+
+    python -m minigpt.sample --ckpt out/pretrain --prompt "Tom went"
 
 A pretrained model continues the prompt. An instruction-tuned model (an SFT, PPO, GRPO or DPO output, which records
 its prompt template) gets the prompt as an instruction, wrapped in that template, and answers until its end-of-text

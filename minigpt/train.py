@@ -157,7 +157,9 @@ def _to_device(batch, device):
 
 
 def _n_tokens(batch) -> int:
-    first = batch if isinstance(batch, torch.Tensor) else next(iter(batch.values() if isinstance(batch, dict) else batch))
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    first = next(iter(batch.values() if isinstance(batch, dict) else batch))
     return first.numel()
 
 

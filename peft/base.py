@@ -21,7 +21,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
-ORIGINAL = "_original_"  # <method>_original_<parameter>: the buffer holding the frozen copy of a tensor trained in place
+# <method>_original_<parameter>: the buffer holding the frozen copy of a tensor trained in place
+ORIGINAL = "_original_"
 
 
 class Float32Adapter:

@@ -4,7 +4,7 @@ Fine-tuning for Transformer-based Masked Language-models", Section 3).
 Every weight matrix stays frozen; only the bias vectors b train. The paper writes out the BERT encoder with its
 biases (its equations for one layer l, heads m):
 
-    Q^{m,l}(x) = W_q^{m,l} x + b_q^{m,l}     K^{m,l}(x) = W_k^{m,l} x + b_k^{m,l}     V^{m,l}(x) = W_v^{m,l} x + b_v^{m,l}
+    Q^{m,l}(x) = W_q^{m,l} x + b_q^{m,l}    K^{m,l}(x) = W_k^{m,l} x + b_k^{m,l}    V^{m,l}(x) = W_v^{m,l} x + b_v^{m,l}
     h_2 = Dropout(W_m1 h_1 + b_m1)                  attention output projection      -> attn.proj here
     h_3 = g_LN1 ⊙ (h_2 + x - mu) / sigma + b_LN1    LayerNorm                         -> ln_1
     h_4 = GELU(W_m2 h_3 + b_m2)                     the MLP's intermediate layer      -> mlp.fc

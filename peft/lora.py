@@ -68,7 +68,8 @@ class LoraConfig:
     r: int = option(8, "LoRA: the rank r of the update B A")
     alpha: float = option(16.0, "LoRA: the update's scale alpha (scaling = alpha / r)")
     lora_dropout: float = option(0.0, "LoRA: dropout on the input of the low-rank branch")
-    target_modules: list[str] = option(help="the modules the method adapts, by name or name ending", factory=lambda: ["query", "value"])
+    target_modules: list[str] = option(help="the modules the method adapts, by name or name ending",
+                                       factory=lambda: ["query", "value"])
     use_rslora: bool = option(False, "LoRA: scaling = alpha / sqrt(r) (rank-stabilised)")
     use_dora: bool = option(False, "LoRA: DoRA, a trained magnitude times the normalised direction W_0 + B A")
 

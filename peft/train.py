@@ -33,7 +33,8 @@ def add_method_options(group) -> list[str]:
     for method, cls in peft.CONFIGS.items():
         for f in dataclasses.fields(cls):
             value = default_of(f)
-            defaults.setdefault(f.name, []).append(f"{method} {','.join(map(str, value)) if isinstance(value, list) else value}")
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            defaults.setdefault(f.name, []).append(f"{method} {shown}")
     names = []
     for cls in peft.CONFIGS.values():
         new = [f.name for f in dataclasses.fields(cls) if f.name not in names]

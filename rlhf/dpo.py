@@ -75,7 +75,8 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
     loss = -F.logsigmoid(reward_c - reward_r).mean()
     reward_c, reward_r = reward_c.detach(), reward_r.detach()
     return loss, {"rewards_chosen": reward_c.mean(), "rewards_rejected": reward_r.mean(),
-                  "rewards_accuracy": (reward_c > reward_r).float().mean(), "rewards_margin": (reward_c - reward_r).mean(),
+                  "rewards_accuracy": (reward_c > reward_r).float().mean(),
+                  "rewards_margin": (reward_c - reward_r).mean(),
                   "logps_chosen": pi_chosen.detach().mean(), "logps_rejected": pi_rejected.detach().mean()}
 
 

@@ -247,7 +247,8 @@ def train_grpo(policy, tokenizer, examples: list[dict], reward_fn, cfg: GRPOConf
 
 GRPO_PANELS = [
     ("reward", [("reward", "mean reward"), ("true_score", "ground-truth score")], "mean over the samples"),
-    ("signal", [("all_equal_groups", "groups with all-equal rewards"), ("reward_std_in_group", "reward std in a group")],
+    ("signal", [("all_equal_groups", "groups with all-equal rewards"),
+                ("reward_std_in_group", "reward std in a group")],
      "share / std"),
     ("KL to the reference", [("kl", "k3 KL per token, as sampled"), ("update_kl", "during the update")],
      "nats per token"),

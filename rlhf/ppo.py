@@ -416,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what PPO starts from and learns from")
     add_options(g, RLRun)
     g.add_argument("--reward-fn", default="reward_model", choices=KINDS, help="what is maximised: the reward model, "
-                   "the world's graded checker or its exact match (the prompts need reference answers), or the sum of the "
-                   "reward model and the checker")
+                   "the world's graded checker or its exact match (the prompts need reference answers), or the sum "
+                   "of the reward model and the checker")
     add_method_options(p.add_argument_group("PEFT method options (with --peft)"))
     add_options(p.add_argument_group("PPO"), PPOConfig)
     return p

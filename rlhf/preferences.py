@@ -39,7 +39,8 @@ def encode_response(tokenizer, prompt: str, response: str, block_size: int, inde
                        index)
 
 
-def encode_pairs(tokenizer, pairs: list[dict], block_size: int, template=None) -> list[tuple[list[int], list[int], float]]:
+def encode_pairs(tokenizer, pairs: list[dict], block_size: int,
+                 template=None) -> list[tuple[list[int], list[int], float]]:
     """(chosen tokens, rejected tokens, margin) of each pair; margin 0.0 when the pair has none. template: the prompt
     template to wrap each prompt in (None: prompts as they are)."""
     encoded = []
@@ -83,6 +84,6 @@ def read_pairs(path) -> list[dict]:
     pairs = read_jsonl(path, required=("prompt", "chosen", "rejected"))
     same = [i for i, p in enumerate(pairs) if p["chosen"] == p["rejected"]]
     if same:
-        raise ValueError(f"{path}: {len(same)} pairs have chosen == rejected (the first is pair {same[0]}); a pair needs "
-                         f"two different responses")
+        raise ValueError(f"{path}: {len(same)} pairs have chosen == rejected (the first is pair {same[0]}); a pair "
+                         f"needs two different responses")
     return pairs

@@ -244,9 +244,9 @@ def test_check_answer_and_ground_truth_score():
     assert ground_truth_score(ex, "the gardens") == 0.0 and ground_truth_score(ex, "jam") == 0.0
     assert ground_truth_score(ex, "The park.") == 0.25  # another place: the right form
     listed = {"output": "tree, sun, cat"}  # a list: the same words in another order has the right form
-    assert [ground_truth_score(listed, r) for r in ("tree, sun, cat", "cat, sun, tree", "tree, sun, sun",
-                                                    "tree, sun", "tree, sun, cat, dog", "tree, sun, cat, and more")] == \
-           [1.0, 0.25, 0.0, 0.0, 0.5, 0.5]
+    responses = ("tree, sun, cat", "cat, sun, tree", "tree, sun, sun", "tree, sun", "tree, sun, cat, dog",
+                 "tree, sun, cat, and more")
+    assert [ground_truth_score(listed, r) for r in responses] == [1.0, 0.25, 0.0, 0.0, 0.5, 0.5]
     assert [ground_truth_score({"output": "a dog"}, r) for r in ("a dog", "a goat", "a red ball", "dog")] == \
            [1.0, 0.25, 0.0, 0.0]
     assert [ground_truth_score({"output": "a red ball"}, r) for r in ("a blue ball", "a red kite", "a dog")] == \

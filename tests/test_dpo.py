@@ -119,7 +119,8 @@ def test_the_cli_trains_and_logs_what_trl_logs(tmp_path, pairs):
 
     rows = [{"prompt": tasks.format_prompt(f"What is {a} + {b}?"), "chosen": str(a + b), "rejected": f"{a + b} {a}"}
             for a in range(6) for b in range(6)]
-    tok = CharTokenizer.train("".join(r["prompt"] + r["chosen"] + r["rejected"] for r in rows) + "abcdefghijklmnopqrstuvwxyz,.!?ABCDEFGHIJKLMNOPQRSTUVWXYZ-'")
+    alphabet = "abcdefghijklmnopqrstuvwxyz,.!?ABCDEFGHIJKLMNOPQRSTUVWXYZ-'"
+    tok = CharTokenizer.train("".join(r["prompt"] + r["chosen"] + r["rejected"] for r in rows) + alphabet)
     save_folder(tmp_path / "sft", tiny_gpt(tok.vocab_size, block_size=256), tok, "sft", template=True)
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # on-policy pairs need samples the checker scores differently: an empty reference answer gives 1 to stopping at

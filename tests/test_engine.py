@@ -68,7 +68,8 @@ def test_logprobs_are_those_of_the_sampling_distribution(temperature, top_k):
 def test_stream_yields_the_tokens_generate_returns():
     model = tiny_gpt(32)
     idx = torch.tensor([[1, 2, 3]])
-    streamed = [int(t) for t in engine.stream(model, idx, 8, temperature=0.9, generator=torch.Generator().manual_seed(3))]
+    seeded = lambda: torch.Generator().manual_seed(3)
+    streamed = [int(t) for t in engine.stream(model, idx, 8, temperature=0.9, generator=seeded())]
     whole = engine.generate(model, idx, 8, temperature=0.9, generator=torch.Generator().manual_seed(3))
     assert whole[0, 3:].tolist() == streamed and model.training  # the mode is given back
 
@@ -81,7 +82,8 @@ def test_sampling_settings_are_refused_by_name():
                           ({"top_p": 1.5}, "top_p must be in")]:
         with pytest.raises(ValueError, match=match):
             engine.generate(model, idx, 2, **kwargs)
-    with pytest.raises(ValueError, match="a prompt of 60 tokens plus max_new_tokens=10 exceeds the model's context of 64"):
+    too_long = "a prompt of 60 tokens plus max_new_tokens=10 exceeds the model's context of 64"
+    with pytest.raises(ValueError, match=too_long):
         engine.complete(model, [[1] * 60], 10, EOS, PAD)
     out = engine.complete(model, [[1] * 60], 10, EOS, PAD, truncate_prompts=True)
     assert out.prompt_len == 54

@@ -144,7 +144,8 @@ def test_the_policy_loss_takes_the_larger_term_in_each_of_the_five_cases():
 
 
 def test_the_value_loss_takes_the_larger_term_in_both_branches():
-    values, old, returns = torch.tensor([[1.0, 0.0, 0.6]]), torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[0.0, 1.0, 0.0]])
+    values, old = torch.tensor([[1.0, 0.0, 0.6]]), torch.tensor([[0.5, 0.5, 0.5]])
+    returns = torch.tensor([[0.0, 1.0, 0.0]])
     # token 1: (1 - 0)^2 = 1 vs clipped V 0.7: 0.49 -> 1; token 2: (0 - 1)^2 = 1 vs clipped 0.3: 0.49 -> 1;
     # token 3: (0.6 - 0)^2 = 0.36 vs clipped 0.6 (inside): 0.36. Now one where the clipped term is larger:
     loss, frac = value_loss(values, old, returns, torch.ones(1, 3), 0.2)

@@ -300,7 +300,8 @@ def test_lora_backbone_trains_only_lora_and_head_and_saves_merged(tmp_path, tok)
 
 
 @pytest.mark.parametrize("config, block", [(peft.PromptTuningConfig(num_virtual_tokens=4), 28),
-                                           (peft.PrefixTuningConfig(num_virtual_tokens=3), 32)], ids=["prompt", "prefix"])
+                                           (peft.PrefixTuningConfig(num_virtual_tokens=3), 32)],
+                         ids=["prompt", "prefix"])
 def test_prompt_methods_read_the_right_hidden_states_and_round_trip(tmp_path, tok, config, block):
     torch.manual_seed(0)
     rm = make_reward_model(GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=32)), config)

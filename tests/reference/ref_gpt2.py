@@ -47,7 +47,8 @@ def main():
 
     with torch.no_grad():
         out["logits"] = model(idx).logits
-        out["pad_logits"] = model(pad_idx, attention_mask=pad_mask, position_ids=position_ids_from_mask(pad_mask)).logits
+        positions = position_ids_from_mask(pad_mask)
+        out["pad_logits"] = model(pad_idx, attention_mask=pad_mask, position_ids=positions).logits
 
     loss = model(idx, labels=idx).loss
     loss.backward()
