@@ -42,8 +42,32 @@ COLUMNS = [("greedy_accuracy", "greedy accuracy", True), ("sampled_accuracy", "s
            ("remarks", "remarks after the answer", True), ("kl", "KL to SFT (nats)", False)]
 
 
+def configs(method: str, seed: int, out: str) -> dict:
+    """The settings of one run: the algorithm's config (and DPO's training config), as plain values."""
+    import dataclasses
+
+    from minigpt.train import TrainConfig
+    from rlhf.dpo import DPOConfig
+    from rlhf.grpo import GRPOConfig
+    from rlhf.ppo import PPOConfig
+
+    if method.startswith("ppo"):  # the pipeline's PPO stage
+        return {"ppo": dataclasses.asdict(PPOConfig(steps=BUDGET // 64, batch_size=64, minibatch_size=16, lr=2e-5,
+                                                    vf_lr=1e-3, beta=0.5, seed=seed))}
+    if method == "grpo_checker":
+        return {"grpo": dataclasses.asdict(GRPOConfig(steps=BUDGET // 64, prompts_per_step=8, group_size=8,
+                                                      seed=seed))}
+    dcfg = DPOConfig(pairs="builtin" if method == "dpo_builtin" else "on_policy", on_policy_prompts=BUDGET // 4,
+                     samples_per_prompt=4)
+    tcfg = TrainConfig(max_iters=200, batch_size=16, lr=1e-5, min_lr=1e-6, warmup_iters=10, weight_decay=0.0,
+                       eval_interval=50, eval_iters=1, log_interval=5, out_dir=out, seed=1337 + seed, progress=False,
+                       overwrite=True)
+    return {"dpo": dataclasses.asdict(dcfg), "train": dataclasses.asdict(tcfg)}
+
+
 def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int) -> dict:
-    """One method with one seed, in a worker process; returns its evaluation before and after, and its wall time."""
+    """One method with one seed, in a worker process; returns its evaluation before and after, and its wall time.
+    A run whose bench.json records the same settings is read back instead of run again."""
     import torch
 
     torch.set_num_threads(1)
@@ -53,26 +77,28 @@ def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int) -> d
     from rlhf.policy import RLRun
     from rlhf.ppo import PPOConfig, run_ppo
 
+    settings = {"method": method, "seed": seed, "base": base, "eval_prompts": eval_prompts,
+                **configs(method, seed, out)}
+    saved = Path(out) / "bench.json"
+    if saved.is_file():
+        done = json.loads(saved.read_text())
+        if done["settings"] == json.loads(json.dumps(settings)):
+            print(f"  {method} seed {seed}: reusing {saved}", flush=True)
+            return done
     run = RLRun(sft=f"{base}/sft", reward=f"{base}/reward", out_dir=out, eval_prompts=eval_prompts, eval_samples=4,
                 progress=False, overwrite=True)
     t0 = time.perf_counter()
     if method.startswith("ppo"):
-        cfg = PPOConfig(steps=BUDGET // 64, batch_size=64, minibatch_size=16, lr=2e-5, vf_lr=1e-3, beta=0.5,
-                        seed=seed)
-        r = run_ppo(run, cfg, reward="reward_model" if method == "ppo_rm" else "checker")
+        r = run_ppo(run, PPOConfig(**settings["ppo"]), reward="reward_model" if method == "ppo_rm" else "checker")
     elif method == "grpo_checker":
-        cfg = GRPOConfig(steps=BUDGET // 64, prompts_per_step=8, group_size=8, seed=seed)
-        r = run_grpo(run, cfg, reward="checker")
+        r = run_grpo(run, GRPOConfig(**settings["grpo"]), reward="checker")
     else:
-        dcfg = DPOConfig(pairs="builtin" if method == "dpo_builtin" else "on_policy", on_policy_prompts=BUDGET // 4,
-                         samples_per_prompt=4)
-        tcfg = TrainConfig(max_iters=200, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_iters=10, weight_decay=0.0,
-                           eval_interval=50, eval_iters=1, log_interval=5, out_dir=out, seed=1337 + seed,
-                           progress=False, overwrite=True)
-        r = run_dpo(run, dcfg, tcfg)
-    r.pop("rows", None)
-    return {"method": method, "seed": seed, "wall_s": time.perf_counter() - t0, "before": r["before"],
-            "after": r["after"]}
+        r = run_dpo(run, DPOConfig(**settings["dpo"]), TrainConfig(**settings["train"]))
+    done = {"method": method, "seed": seed, "wall_s": time.perf_counter() - t0, "before": r["before"],
+            "after": r["after"], "settings": settings}
+    saved.write_text(json.dumps(done))
+    print(f"  {method} seed {seed}: {done['wall_s']:.0f} s", flush=True)
+    return done
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -179,7 +205,7 @@ def main(argv=None):
     (results / "rl.json").write_text(json.dumps({"table": table, "runs": [
         {k: v for k, v in r.items() if k not in ("before", "after")} | {"after": strip(r["after"])}
         for r in runs], "sft": strip(runs[0]["before"]), "total_s": time.perf_counter() - t0,
-        "load": os.getloadavg()}, indent=1))
+        "load_at_end": os.getloadavg()}, indent=1))
     print(write_table(table, runs, results / "rl.md", args))
     plot(table, results / "rl.png")
 
