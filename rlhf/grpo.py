@@ -100,13 +100,15 @@ class GRPOConfig:
 
 def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 1e-4):
     """(A (N,), all_equal (N // G,) bool) for rewards (N,) laid out group after group: r - group mean, divided by
-    the group's (sample) std + eps when scale. A group of equal rewards has r - mean = 0 exactly, so A = 0 (eps keeps
-    0 / 0 away); it is flagged, for the log."""
+    the group's (sample) std + eps when scale. A group of equal rewards carries no signal and gets A = 0 exactly
+    (set, not computed: eight rewards of 0.7 in float32 have a mean 6e-8 off, which / (std + eps) would make
+    6e-4; trl 1.16 gives that 6e-4); it is flagged, for the log."""
     r = rewards.view(-1, group_size)  # (groups, G)
+    all_equal = (r.max(-1).values - r.min(-1).values) == 0
     centred = r - r.mean(-1, keepdim=True)
     if scale:
         centred = centred / (r.std(-1, keepdim=True) + eps)  # Bessel-corrected std, as DeepSeekMath's and trl's
-    all_equal = (r.max(-1).values - r.min(-1).values) == 0
+    centred = centred.masked_fill(all_equal[:, None], 0.0)
     return centred.flatten(), all_equal
 
 

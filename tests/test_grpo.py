@@ -28,6 +28,14 @@ def test_group_advantages_by_hand_with_an_all_equal_group():
     assert centred[:4].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5]) and (centred[4:8] == 0).all()
 
 
+def test_an_all_equal_group_gets_exactly_zero_even_when_its_mean_is_inexact():
+    rewards = torch.tensor([0.7] * 8 + [0.1, 0.9] * 4, dtype=torch.float32)  # 0.7 * 8 / 8 != 0.7 in float32
+    assert (rewards[:8] - rewards[:8].mean()).abs().max() > 0  # what the formula alone would divide by std + eps
+    for scale in (True, False):
+        adv, equal = group_advantages(rewards, 8, scale=scale)
+        assert equal.tolist() == [True, False] and (adv[:8] == 0).all() and (adv[8:] != 0).all()
+
+
 def test_each_group_holds_the_responses_to_one_prompt():
     policy = tiny_gpt(8)
     cfg = GRPOConfig(prompts_per_step=3, group_size=4, minibatch_size=4, max_new_tokens=2)
