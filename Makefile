@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo chat test parity lint bench bench-pretrain bench-lora bench-peft bench-rl notebooks clean
+.PHONY: help install demo chat test parity lint bench bench-pretrain bench-gpu bench-lora bench-peft bench-rl notebooks clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -35,8 +35,11 @@ bench:  ## speed of minigpt vs transformers GPT-2 (benchmarks/bench_model.py, ru
 	bash tests/reference/setup.sh
 	.venv-ref/bin/python benchmarks/bench_model.py
 
-bench-pretrain: $(STAMP)  ## nanoGPT's CPU baby run on tinyshakespeare, + transformers from the same init if .venv-ref
-	$(PY) benchmarks/bench_pretrain.py
+bench-pretrain: $(STAMP)  ## nanoGPT's CPU baby run, side by side with nanoGPT's own train.py if NANOGPT=path/to/nanoGPT
+	$(PY) benchmarks/bench_pretrain.py $(if $(NANOGPT),--nanogpt $(NANOGPT))
+
+bench-gpu: $(STAMP)  ## the GPU path: bf16 autocast and --compile against float32 (benchmarks/bench_gpu.py; CUDA)
+	$(PY) benchmarks/bench_gpu.py
 
 bench-lora:  ## LoRA: train-step time vs full fine-tuning and HF peft, memory, merged inference (benchmarks/bench_lora.py)
 	bash tests/reference/setup.sh

@@ -1,0 +1,97 @@
+"""The plumbing of the speed benchmarks, at tiny sizes and with no time asserted: nanoGPT's command line and the
+parsing of its output (against a stand-in train.py), the side-by-side ratios, the step profile's table, and the GPU
+script's --smoke path (CPU, one tiny shape, no compiling)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_pretrain():
+    return load("bench_pretrain")
+
+
+def test_nanogpt_flags_are_the_baby_run(bench_pretrain):
+    flags = bench_pretrain.nanogpt_flags(bench_pretrain.BABY)
+    assert flags[:3] == ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False"]
+    for flag in ("--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=12",
+                 "--max_iters=2000", "--lr_decay_iters=2000", "--eval_iters=200", "--dropout=0.0"):
+        assert flag in flags
+
+
+FAKE_TRAIN = """import sys
+print("args", sys.argv[1:])
+for i, v in ((0, 4.2), (100, 2.5), (200, 2.1)):
+    print(f"step {i}: train loss {v - 0.1:.4f}, val loss {v:.4f}")
+    print(f"iter {i}: loss {v:.4f}, time 10.00ms, mfu -100.00%")
+"""
+
+
+def test_nanogpt_run_is_parsed_from_its_output(bench_pretrain, tmp_path):
+    """A stand-in checkout with nanoGPT's file layout: prepared, run, and its evaluations read back."""
+    fake = tmp_path / "nanogpt"
+    (fake / "config").mkdir(parents=True)
+    (fake / "data" / "shakespeare_char").mkdir(parents=True)
+    (fake / "train.py").write_text(FAKE_TRAIN)
+    for f in ("model.py", "configurator.py", "config/train_shakespeare_char.py"):
+        (fake / f).write_text("")
+    (fake / "data" / "shakespeare_char" / "prepare.py").write_text(
+        "import pathlib; assert pathlib.Path('input.txt').read_text() == 'to be'\n")
+    data = tmp_path / "input.txt"
+    data.write_text("to be")
+    work = bench_pretrain.prepare_nanogpt(fake, str(data), tmp_path / "work")
+    res = bench_pretrain.run_nanogpt(work, "nanoGPT, round 1", dict(bench_pretrain.BABY, max_iters=200))
+    assert res["val_loss"] == 2.1 and res["iters"] == 201
+    assert res["curve"] == [(0, 4.2), (100, 2.5), (200, 2.1)]
+    with pytest.raises(SystemExit, match="not a nanoGPT checkout"):
+        bench_pretrain.prepare_nanogpt(tmp_path / "nowhere", str(data), tmp_path / "work2")
+
+
+def test_side_by_side_ratios_pair_runs_of_the_same_round(bench_pretrain):
+    def run(kind, rnd, wall):
+        return {"name": f"{kind}, round {rnd}", "kind": kind, "wall_s": wall}
+
+    results = [run("nanoGPT", 1, 100.0), run("minigpt", 1, 80.0), run("minigpt", 2, 90.0), run("nanoGPT", 2, 200.0)]
+    (line,) = bench_pretrain.side_by_side_ratios(results)
+    assert line.startswith("minigpt / nanoGPT wall time: 0.625 (rounds: 0.800, 0.450")
+
+
+def test_profile_at_a_tiny_shape(bench_pretrain, monkeypatch):
+    import minigpt.device
+
+    monkeypatch.setattr(minigpt.device, "compiler_missing", lambda device: "no compiler in this test")
+    shape = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
+    r = bench_pretrain.profile_shape("tiny", shape, batch=4, steps=2)
+    assert r["compile"] == "no compiler in this test"
+    parts = r["ms"]
+    assert parts["attention forward"] > 0 and parts["MLP backward"] > 0
+    table = bench_pretrain.profile_table([r], threads=1)
+    assert "## tiny: batch 4, block 16" in table and "optimizer: fused AdamW (now)" in table
+
+
+def test_gpu_script_smoke_on_one_tiny_shape(tmp_path, monkeypatch):
+    bench_gpu = load("bench_gpu")
+    monkeypatch.setattr(bench_gpu, "SMOKE_SHAPES",
+                        {"tiny 1x2x32": ({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}, 4, 6, 3e-3)})
+    bench_gpu.main(["--smoke", "--no-compile", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert [r["variant"] for r in results["train"]] == ["float32", "bf16 autocast"]
+    gen = results["generation"]["tiny 1x2x32"]
+    assert gen["float32 batch 64 tokens/s"] > 0 and 0 <= gen["greedy tokens the same, batch 64"] <= 1
+    assert "SMOKE RUN" in (tmp_path / "gpu.md").read_text()
+    assert not (ROOT / "benchmarks" / "results" / "gpu.md").exists() or "SMOKE" not in (
+        ROOT / "benchmarks" / "results" / "gpu.md").read_text()
