@@ -2,11 +2,14 @@
 
     make bench          (sets up .venv-ref with tests/reference/setup.sh, then runs this with its python)
 
-Three measurements, each reported as medians and a ratio:
+Four measurements, each reported as medians and a ratio:
   (a) training step: forward + cross-entropy + backward, minigpt vs transformers (goal: minigpt / HF <= 1.0);
   (b) KV cache: minigpt's generate with the cache vs without it, 256 new tokens (goal: >= 5x on 6/6/384);
-  (c) generation: greedy tokens/s of minigpt's generate vs transformers' generate, KV cache on both
-      (goal: minigpt / HF >= 1.0).
+  (c) generation, batch 1: greedy tokens/s of minigpt's generate vs transformers' generate, KV cache on both
+      (goal: minigpt / HF >= 1.0);
+  (d) batched generation as the RL rollouts run it: minigpt's engine.complete on 64 left-padded prompts of 8-40
+      tokens against transformers' generate on the same padded batch, greedy, stopping rows at eos and filling
+      them with pad on both sides (goal: minigpt / HF tokens/s >= 1.5).
 The two sides of a comparison are interleaved (ABAB..., who goes first alternating) so that load from other
 processes falls on both alike. The markdown table goes to stdout and to benchmarks/results/model.md.
 
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from minigpt import GPT
+from minigpt import GPT, engine
 
 # nanoGPT's CPU "baby" run and its shakespeare-char model; vocabulary 65 (characters) unless --vocab says otherwise
 SHAPES = {
@@ -151,6 +154,37 @@ def bench_generate(name, shape, args):
                speeds + (", same tokens" if same else ", tokens differ"))
 
 
+def padded_prompts(args):
+    """args.batch_prompts prompts of 8 to 40 random tokens (never pad or eos), as token id lists."""
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(8, 41, (args.batch_prompts,), generator=g).tolist()
+    return [torch.randint(2, args.vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def bench_batched(name, shape, args):
+    """Greedy tokens/s on a left-padded batch: minigpt's engine.complete vs transformers' generate."""
+    ours, hf = make_pair(shape, args.vocab, args.batch_block)
+    ours.eval(), hf.eval()
+    prompts, n, pad, eos = padded_prompts(args), args.batch_new_tokens, 0, 1
+    ids, mask = engine.left_pad(prompts, pad)  # (B, P) each
+
+    def run_ours():
+        return engine.complete(ours, prompts, n, eos_token_id=eos, pad_token_id=pad).response
+
+    def run_hf():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, use_cache=True,
+                          pad_token_id=pad, eos_token_id=eos)[:, ids.size(1) :]
+        return F.pad(out, (0, n - out.size(1)), value=pad)  # HF stops once every row is done; ours too
+
+    a, b = run_ours(), run_hf()
+    same = a.shape == b.shape and torch.equal(a, b)
+    t = interleaved({"minigpt": run_ours, "hf": run_hf}, args.gen_repeats)
+    tokens = len(prompts) * n  # the work both sides are asked for (rows that stopped early included)
+    speeds = f"{tokens / t['minigpt']:.0f} vs {tokens / t['hf']:.0f} tokens/s"
+    return row(f"batched generate {name}, {len(prompts)} prompts x {n} new tokens", t["minigpt"], t["hf"],
+               t["hf"] / t["minigpt"], speeds + (", same tokens" if same else ", tokens differ"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Report
 
@@ -170,6 +204,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_text(load) -> str:
+    return "unknown" if load is None else f"{load[0]:.2f}"
+
+
 def table(rows, args) -> str:
     head = [
         "# minigpt vs transformers GPT-2 on the CPU",
@@ -185,7 +223,7 @@ def table(rows, args) -> str:
         "|---|---:|---:|---:|---|---|",
     ]
     goals = {"train": "minigpt / HF <= 1.0", "KV cache": "uncached / cached >= 5 (6/6/384)",
-             "generate": "HF time / minigpt time >= 1.0"}
+             "generate": "HF time / minigpt time >= 1.0", "batched": "HF time / minigpt time >= 1.5"}
     lines = []
     for r in rows:
         goal = next(v for k, v in goals.items() if r["what"].startswith(k))
@@ -196,8 +234,14 @@ def table(rows, args) -> str:
         (
             "Reference column: transformers' GPT2LMHeadModel for the training step and generate; minigpt without "
             f"its KV cache for the KV-cache rows. Generation: batch 1, greedy, {args.prompt}-token prompt, "
-            f"block_size {args.gen_block}."
+            f"block_size {args.gen_block}. Batched: {args.batch_prompts} prompts of 8-40 tokens left-padded, greedy, "
+            f"eos and pad as the RL rollouts use them, block_size {args.batch_block}; tokens/s counts "
+            f"{args.batch_prompts} x {args.batch_new_tokens} tokens on both sides."
         ),
+        "",
+        f"Load average (1 min) at the start and the end of the run: {load_text(args.load_start)} and "
+        f"{load_text(os.getloadavg() if hasattr(os, 'getloadavg') else None)}, on {os.cpu_count()} CPUs (each side "
+        "of a ratio saw the same load: the timings are interleaved).",
     ]
     return "\n".join(head + lines + foot) + "\n"
 
@@ -213,14 +257,23 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=16, help="prompt length")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated")
     p.add_argument("--gen-repeats", type=int, default=5, help="generations timed per side")
+    p.add_argument("--batch-prompts", type=int, default=64, help="prompts in the batched generation")
+    p.add_argument("--batch-new-tokens", type=int, default=24, help="new tokens per prompt, batched (PPO's default)")
+    p.add_argument("--batch-block", type=int, default=128, help="block_size of the batched-generation models")
+    p.add_argument("--only", choices=["train", "cache", "generate", "batched"], nargs="+",
+                   help="run only these measurements")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "model.md")
     args = p.parse_args(argv)
+    args.load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
 
     rows = []
-    for bench in (bench_train, bench_cache, bench_generate):
+    benches = {"train": bench_train, "cache": bench_cache, "generate": bench_generate, "batched": bench_batched}
+    for key, bench in benches.items():
+        if args.only and key not in args.only:
+            continue
         for name, shape in SHAPES.items():
             rows.append(bench(name, shape, args))
             print(f"  {rows[-1]['what']}: ratio {rows[-1]['ratio']:.2f} ({rows[-1]['note']})", file=sys.stderr)
