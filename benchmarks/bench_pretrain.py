@@ -421,7 +421,7 @@ def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, res
               "the process's start to its end (imports, tokenising, evaluations, checkpoints and all); CPU time: "
               "user + system seconds of that process (os.wait4; the same work whatever else runs, with one thread); "
               f"{'the runs of a round ran at the same time (--together); ' if together else ''}training "
-              "time: the loop's own clock. nanoGPT runs 2001 steps (iterations 0 to 2000) and evaluates both splits "
+              "time: the loop's own clock (nanoGPT's: its wall time). nanoGPT runs 2001 steps (iterations 0 to 2000) and evaluates both splits "
               "on 200 batches 9 times; minigpt runs 2000 and evaluates the validation split 9 times (the training "
               "loss it logs is the running mean of the steps). nanoGPT reports 1.88 in about 3 minutes on a laptop "
               "CPU."]
