@@ -361,7 +361,10 @@ def profile_shape(name: str, shape: dict, batch: int, steps: int, vocab: int = 6
 def profile_table(results: list[dict], threads: int) -> str:
     lines = ["# Where a training step's time goes (minigpt, CPU)", "",
              f"torch {torch.__version__}, {threads} thread(s); no biases, vocabulary 65; milliseconds per step, medians; "
-             "the share is of one training step (data + forward + backward + clipping + fused AdamW).", ""]
+             "the share is of one training step (data + forward + backward + clipping + fused AdamW). Load average "
+             f"(1 min) at the end: {args_load(os.getloadavg() if hasattr(os, 'getloadavg') else None)} on "
+             f"{os.cpu_count()} CPUs: on a loaded machine the milliseconds include waiting for a CPU, the medians "
+             "and the interleaved A/B ratios less so.", ""]
     for r in results:
         ms = r["ms"]
         step = sum(ms[k] for k in ("data: a random batch", "forward + loss", "backward", "gradient clipping",
@@ -380,7 +383,7 @@ def profile_table(results: list[dict], threads: int) -> str:
         else:
             lines += ["", f"torch.compile (forward + backward, interleaved with eager): {c['compiled_ms']:.1f} ms "
                       f"against eager {c['eager_ms']:.1f} ms, ratio {c['ratio']:.2f}, after {c['compile_s']:.0f} s of "
-                      "compiling (cold cache)."]
+                      "compiling (less when inductor's cache in /tmp is warm from an earlier run)."]
         lines.append("")
     return "\n".join(lines)
 
@@ -458,8 +461,8 @@ def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, res
 _LOAD = os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
-def args_load() -> str:
-    return "unknown" if _LOAD is None else " / ".join(f"{x:.2f}" for x in _LOAD)
+def args_load(load=_LOAD) -> str:
+    return "unknown" if load is None else " / ".join(f"{x:.2f}" for x in load)
 
 
 def main():
