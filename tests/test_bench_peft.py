@@ -48,6 +48,7 @@ def expected_counts(L=2, C=32, V=512, P=128, n=20, r=8, reduction_factor=16):
         "prefix_tuning": n * C + (C * H + H) + (H * L * 2 * C + L * 2 * C),  # P', Linear, Linear to all layers
         "p_tuning_v2": L * 2 * n * C,  # a key and a value prefix per layer
         "lora": L * 2 * r * (C + C),  # A (r, in) and B (out, r) on query and value
+        "dora": L * 2 * (r * (C + C) + C),  # LoRA's A and B and the magnitude m (out,) on query and value
         "ia3": L * (C + C + 4 * C),  # l_k, l_v, l_ff
         "adapter": 2 * L * (2 * m * C + m + C),  # after attention and after the MLP in every block
     }
@@ -90,13 +91,13 @@ def test_outputs_exist_and_are_complete(run):
         if method != "full":
             assert f"| {method} |" in survey
     verdicts = [survey.count(f"**{v}**") for v in ("confirmed", "contradicted", "within noise")]
-    assert sum(verdicts) == 4 * 8  # storage, memory, backpropagation, inference for each of the eight methods
+    assert sum(verdicts) == 4 * 9  # storage, memory, backpropagation, inference for each of the nine methods
     for r in saved["methods"].values():
         assert r["saved_bytes"] > 0 and r["step_s"] > 0 and r["peak_bytes"] >= r["static_bytes"] > 0
     assert saved["inference"]["models"]["base"]["forward_ratio"] == 1.0
     assert "base (copy)" in saved["inference"]["models"] and saved["inference"]["noise"] >= 0.03
     for method, r in saved["methods"].items():  # merged LoRA / IA3 (unwrapped) and BitFit are the base's architecture
-        assert r["structure"]["same"] == (method in ("full", "bitfit", "lora", "ia3")), method
+        assert r["structure"]["same"] == (method in ("full", "bitfit", "lora", "dora", "ia3")), method
         assert r["deploy_max_logit_diff"] < 1e-4, method
 
 
@@ -184,3 +185,34 @@ def test_interleaving_calls_every_job_once_per_round_in_varying_order(bench):
     rounds = [calls[i : i + 6] for i in range(0, 24, 6)]
     assert all(sorted(r) == list("abcdef") for r in rounds) and set(medians) == set("abcdef")
     assert len({"".join(r) for r in rounds}) > 1
+
+
+def test_hf_comparison_judges_each_pair_by_accuracy_within_one_standard_error(bench):
+    """Pairs across published tiers are published '>', pairs within one '≈'; ours is '≈' when the accuracies differ
+    by at most one standard error of the difference (n_test examples), and a disagreement is printed in bold."""
+    acc = {"full": 0.40, "lora": 0.38, "ia3": 0.20, "prefix_tuning": 0.21, "p_tuning": 0.02, "prompt_tuning": 0.03,
+           "bitfit": 0.10}
+    results = {"mode": {"n_test": 200}, "methods": {m: {"accuracy": a} for m, a in acc.items()}}
+    text = bench.hf_comparison(results)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ") and "," in line.split("|")[1]}
+    assert len(rows) == 1 + 2 * 5 + 1 * 4 + 1 * 3 + 3  # within tiers: 1 + 3; across: 2*5 + 1*4 + 1*3
+    assert rows["lora, full"][1:3] == ["≈", "≈"]  # 2 points apart, standard error of the difference ~4.9 points
+    assert rows["lora, ia3"][1:3] == [">", ">"]
+    assert rows["ia3, prefix_tuning"][1:3] == [">", "**≈**"]  # 1 point apart: a tie, not the published order
+    assert rows["p_tuning, bitfit"][1:3] == ["≈", "**<**"]  # 2% against 10%, 8 points, more than one SE (2.3)
+    agree = sum(r[2] == r[1] for r in rows.values())
+    assert f"agree on {agree} of {len(rows)} pairs" in text
+    assert bench.hf_comparison({"mode": {"n_test": 200}, "methods": {"full": {"accuracy": 0.4}}}) == ""
+
+
+def test_default_mode_report_says_where_each_rate_comes_from(bench, run, tmp_path):
+    """Without a sweep, at BENCH_LR, the table claims no sweep winners and prints every rate's source."""
+    results = json.loads(json.dumps(run[0]))
+    results["mode"].update(lr_table="bench", sweep_factors=[], widen=0)
+    results["default_lr"] = {m: bench.BENCH_LR[m] for m in results["methods"]}
+    text = bench.write_table(results, tmp_path / "peft.md")
+    assert "won its sweep" not in text and "No learning-rate sweep in this run" in text
+    for m in results["methods"]:
+        assert f"| {m} | {bench.BENCH_LR[m]:g} | {bench.BENCH_LR_SOURCE[m]} |" in text
+    assert set(bench.BENCH_LR_SOURCE) == set(bench.BENCH_LR) == set(bench.METHODS)
