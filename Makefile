@@ -45,7 +45,7 @@ bench-lora:  ## LoRA: train-step time vs full fine-tuning and HF peft, memory, m
 	bash tests/reference/setup.sh
 	.venv-ref/bin/python benchmarks/bench_lora.py
 
-bench-peft: $(STAMP)  ## full fine-tuning and the 8 PEFT variants side by side (benchmarks/bench_peft.py, ~15 min)
+bench-peft: $(STAMP)  ## full fine-tuning and the 9 PEFT variants side by side (benchmarks/bench_peft.py, 30-85 min)
 	$(PY) benchmarks/bench_peft.py
 
 bench-rl: $(STAMP)  ## every alignment method from the same SFT model, 3 seeds (benchmarks/bench_rl.py; FROM=out/pipeline)
