@@ -125,9 +125,11 @@ def write_table(table: dict, runs: list[dict], path: Path, args) -> str:
     from rlhf.evaluate import fmt
 
     n = runs[0]["before"]["n_prompts"]
+    sft = f"{args.base}/sft" if not Path(args.base).is_absolute() else "sft/ of the --from folder"  # no machine paths
+    load = os.getloadavg()
     lines = ["# Every alignment method from the same SFT model", "",
              f"{n} held-out prompts (the built-in PPO test prompts), 4 samples each at temperature 1; the same SFT "
-             f"model ({args.base}/sft) and reward model for every run; each RL method sampled {BUDGET:,} responses "
+             f"model ({sft}) and reward model for every run; each RL method sampled {BUDGET:,} responses "
              f"(DPO on the built-in pairs none). Cells: mean over {max(r.get('seeds', 1) for r in table.values())} "
              "seeds +- their standard deviation (the SFT row: one evaluation +- its standard error over prompts). "
              "Greedy gain: greedy accuracy minus the SFT model's on the same prompts, with the paired standard "
@@ -145,6 +147,10 @@ def write_table(table: dict, runs: list[dict], path: Path, args) -> str:
         g = row["gain"]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * g['mean']:+.1f} +- {100 * g['sd']:.1f} "
                      f"({100 * row['gain_se']:.1f}) | {row['wall_s']['mean']:.0f} s |")
+    lines += ["", f"Wall time: one run's, from loading the models to saving the policy, the evaluations before and after "
+              f"included, on one thread while other runs shared the CPUs (load average when this table was written: "
+              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; during the runs up to about 10), so compare the methods' "
+              "times with each other, not with a quiet machine's."]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
