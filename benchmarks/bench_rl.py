@@ -4,7 +4,8 @@
     python benchmarks/bench_rl.py                         # trains them first (the pipeline's first three stages)
     python benchmarks/bench_rl.py --seeds 0 --methods ppo_rm,grpo_checker --jobs 2
 
-Rows: the SFT model, then PPO with the reward model, PPO with the verifiable reward (the world's checker), GRPO with
+Rows: the SFT model, then PPO with the reward model (the pipeline's beta 0.5 and lr 2e-5, and a stronger penalty,
+beta 1 at lr 1e-5), PPO with the verifiable reward (the world's checker), GRPO with
 the verifiable reward, DPO on the built-in preference pairs, and DPO on on-policy pairs (the SFT model's own samples
 ordered by the checker). Every RL method gets the same budget of sampled responses (BUDGET: PPO 30 steps x 64, GRPO
 30 steps x 8 prompts x 8, DPO's on-policy pairs from 480 prompts x 4); DPO on the built-in pairs samples nothing and
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO))
 BUDGET = 1920  # sampled responses per RL run
 METHODS = {
     "ppo_rm": "PPO + reward model",
+    "ppo_rm_beta1": "PPO + reward model, beta 1, lr 1e-5",
     "ppo_checker": "PPO + verifiable reward",
     "grpo_checker": "GRPO + verifiable reward",
     "dpo_builtin": "DPO, built-in pairs",
@@ -51,9 +53,10 @@ def configs(method: str, seed: int, out: str) -> dict:
     from rlhf.grpo import GRPOConfig
     from rlhf.ppo import PPOConfig
 
-    if method.startswith("ppo"):  # the pipeline's PPO stage
-        return {"ppo": dataclasses.asdict(PPOConfig(steps=BUDGET // 64, batch_size=64, minibatch_size=16, lr=2e-5,
-                                                    vf_lr=1e-3, beta=0.5, seed=seed))}
+    if method.startswith("ppo"):  # the pipeline's PPO stage; ppo_rm_beta1 with a stronger penalty and a smaller rate
+        beta, lr = (1.0, 1e-5) if method == "ppo_rm_beta1" else (0.5, 2e-5)
+        return {"ppo": dataclasses.asdict(PPOConfig(steps=BUDGET // 64, batch_size=64, minibatch_size=16, lr=lr,
+                                                    vf_lr=1e-3, beta=beta, seed=seed))}
     if method == "grpo_checker":
         return {"grpo": dataclasses.asdict(GRPOConfig(steps=BUDGET // 64, prompts_per_step=8, group_size=8,
                                                       seed=seed))}
@@ -89,7 +92,7 @@ def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int) -> d
                 progress=False, overwrite=True)
     t0 = time.perf_counter()
     if method.startswith("ppo"):
-        r = run_ppo(run, PPOConfig(**settings["ppo"]), reward="reward_model" if method == "ppo_rm" else "checker")
+        r = run_ppo(run, PPOConfig(**settings["ppo"]), reward="checker" if method == "ppo_checker" else "reward_model")
     elif method == "grpo_checker":
         r = run_grpo(run, GRPOConfig(**settings["grpo"]), reward="checker")
     else:
@@ -147,9 +150,10 @@ def write_table(table: dict, runs: list[dict], path: Path, args) -> str:
         g = row["gain"]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * g['mean']:+.1f} +- {100 * g['sd']:.1f} "
                      f"({100 * row['gain_se']:.1f}) | {row['wall_s']['mean']:.0f} s |")
-    lines += ["", f"Wall time: one run's, from loading the models to saving the policy, the evaluations before and after "
-              f"included, on one thread while other runs shared the CPUs (load average when this table was written: "
-              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; during the runs up to about 10, and runs read back from "
+    lines += ["", "Wall time: one run's, from loading the models to saving the policy, the evaluations before and "
+              "after included, on one thread while other runs shared the CPUs (load average when this table was "
+              f"written: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; during the runs up to about 10, and runs read "
+              "back from "
               "bench.json may come from other times), so these times say little about speed."]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
