@@ -13,17 +13,6 @@ outputs:
 
 import ref_io
 import torch
-from transformers import GPT2LMHeadModel
-
-
-def load(model_dir, attn_implementation):
-    model, info = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True,
-                                                  attn_implementation=attn_implementation)
-    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]  # the head is tied to wte
-    if missing or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise ValueError(f"GPT-2 weights did not load cleanly: {info}")
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(), "lm_head is not tied"
-    return model.eval()
 
 
 def position_ids_from_mask(mask):
@@ -41,7 +30,7 @@ def greedy(model, idx, mask, n):
 def main():
     inputs, args, work = ref_io.read()
     torch.manual_seed(0)
-    model = load(args["model_dir"], args.get("attn_implementation", "sdpa"))
+    model = ref_io.load_gpt2(args["model_dir"], args.get("attn_implementation", "sdpa"))
     idx, pad_idx, pad_mask = inputs["idx"], inputs["pad_idx"], inputs["pad_mask"]
     out = {}
 

@@ -19,21 +19,9 @@ outputs:
 
 import ref_io
 import torch
-from transformers import GPT2LMHeadModel
 
 ref_io.check_hf_peft()
 import peft
-
-
-def load_base(model_dir):
-    model, info = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True,
-                                                  attn_implementation="sdpa")
-    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]  # the head is tied to wte
-    if missing or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise ValueError(f"GPT-2 weights did not load cleanly: {info}")
-    if model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr():
-        raise ValueError("lm_head is not tied to wte")
-    return model.eval()
 
 
 def draw(name, p, g):
@@ -58,14 +46,14 @@ def real_logits(model, idx):
 def main():
     inputs, args, work = ref_io.read()
     idx = inputs["idx"]
-    out = {"base.logits": real_logits(load_base(args["model_dir"]), idx)}
+    out = {"base.logits": real_logits(ref_io.load_gpt2(args["model_dir"]), idx)}
     for case in args.get("load", []):
-        model = peft.PeftModel.from_pretrained(load_base(args["model_dir"]), case["folder"]).eval()
+        model = peft.PeftModel.from_pretrained(ref_io.load_gpt2(args["model_dir"]), case["folder"]).eval()
         out[f"load.{case['name']}.logits"] = real_logits(model, idx)
     for case in args.get("make", []):
         config = getattr(peft, case["config_class"])(task_type="CAUSAL_LM", **case["config"])
         torch.manual_seed(case["seed"])
-        model = peft.get_peft_model(load_base(args["model_dir"]), config)
+        model = peft.get_peft_model(ref_io.load_gpt2(args["model_dir"]), config)
         g = torch.Generator().manual_seed(case["seed"])
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -35,3 +35,18 @@ def check_hf_peft() -> None:
 
     if not hasattr(peft, "__version__") or "site-packages" not in str(Path(peft.__file__)):
         raise ImportError(f"`import peft` found {peft.__file__}, not Hugging Face's peft in .venv-ref")
+
+
+def load_gpt2(model_dir, attn_implementation: str = "sdpa"):
+    """transformers' GPT2LMHeadModel from a folder the test wrote, float32, eval mode; refuses a folder whose weights
+    do not all load or whose head is not tied to the token embedding (GPT-2's own layout)."""
+    from transformers import GPT2LMHeadModel
+
+    model, info = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True,
+                                                  attn_implementation=attn_implementation)
+    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]  # the head is tied to wte
+    if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise ValueError(f"GPT-2 weights did not load cleanly: {info}")
+    if model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr():
+        raise ValueError("lm_head is not tied to wte")
+    return model.eval()

@@ -29,19 +29,9 @@ outputs, for each case:
 import ref_io
 import torch
 import torch.nn.functional as F
-from transformers import GPT2LMHeadModel
 
 ref_io.check_hf_peft()
 import peft
-
-
-def load_base(model_dir):
-    model, info = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True,
-                                                  attn_implementation="sdpa")
-    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]  # the head is tied to wte
-    if missing or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise ValueError(f"GPT-2 weights did not load cleanly: {info}")
-    return model.eval()
 
 
 def set_trainable(model, values):
@@ -68,7 +58,7 @@ def run_case(case, model_dir, inputs):
     name = case["name"]
     config = getattr(peft, case["config_class"])(task_type="CAUSAL_LM", **case["config"])
     torch.manual_seed(0)
-    model = peft.get_peft_model(load_base(model_dir), config).eval()
+    model = peft.get_peft_model(ref_io.load_gpt2(model_dir), config).eval()
     values = {k.split(":", 1)[1]: v for k, v in inputs.items() if k.startswith(name + ":")}
     params = set_trainable(model, values)
 
