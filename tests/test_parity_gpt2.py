@@ -161,8 +161,8 @@ def test_cached_decoding_logits_match(case, padded):
 
 def test_a_model_saved_with_save_gpt2_opens_in_transformers_with_the_same_logits(tmp_path):
     """The other direction: a minigpt GPT of GPT-2's shape (every weight, bias and LayerNorm random) written by
-    minigpt.pretrained.save_gpt2 is a folder GPT2LMHeadModel.from_pretrained loads cleanly (tests/reference/
-    ref_hf_adapters.py checks the load report and the tied head) and runs with our logits."""
+    minigpt.pretrained.save_gpt2 is a folder GPT2LMHeadModel.from_pretrained loads cleanly (ref_io.load_gpt2 in
+    tests/reference checks the load report and the tied head) and runs with our logits."""
     from minigpt import GPTConfig
     from minigpt.pretrained import save_gpt2
 
