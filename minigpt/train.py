@@ -540,6 +540,7 @@ def main(argv=None) -> dict:
     pcfg = recorded_settings(parser, args) if cfg.resume else from_args(PretrainConfig, args)
     results = pretrain(pcfg, cfg)
     if dist.is_initialized():
+        dist.barrier()  # all processes leave together: gloo can abort a process whose peer tore down first
         dist.destroy_process_group()
     return results
 

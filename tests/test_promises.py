@@ -7,6 +7,7 @@ gives the same result as never stopping, bit for bit on a CPU, in every stage th
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -395,9 +396,14 @@ def test_two_processes_under_torchrun_as_the_readme_starts_them_give_the_same_va
                           "--out-dir", str(tmp_path / "one"), "--no-progress"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "minigpt.train", *common, "--out-dir", str(tmp_path / "two"), "--no-progress"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):  # gloo's C++ teardown aborted a process once in CI after training had finished
+        # ("terminate called without an active exception"); that, and only that, gets a second try
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "minigpt.train", *common, "--out-dir", str(tmp_path / "two"), "--no-progress"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if two.returncode == 0 or "terminate called without an active exception" not in two.stderr:
+            break
     assert two.returncode == 0, two.stderr[-3000:]
     rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("one", "two")]
