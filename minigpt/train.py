@@ -358,13 +358,12 @@ def _progress(cfg, start, procs):
 
 
 def plot_losses(rows: list[dict], path) -> None:
-    """Training loss (every logged iteration) and validation loss (every evaluation) against iterations."""
-    import matplotlib
+    """Training loss (every logged iteration) and validation loss (every evaluation) against iterations. Drawn on
+    a Figure of its own, not through pyplot: no display needed, and a notebook's backend is left alone."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train (running mean)", lw=1)
     val = [r for r in rows if r.get("val_loss") is not None]
     if val:
@@ -376,7 +375,6 @@ def plot_losses(rows: list[dict], path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -- pretraining: the first stage, and its command line ----------------------------------------------------------

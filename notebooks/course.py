@@ -10,8 +10,6 @@
 - ``answers_table``: before / after answers side by side.
 - ``show_source``: a library function's source, with the file it lives in.
 - ``read_result``: a file of benchmarks/results; the files read are listed for the check that outputs are current.
-
-Importing it in a notebook also keeps matplotlib's inline backend (``keep_inline_plots``).
 """
 
 from __future__ import annotations
@@ -29,34 +27,6 @@ FAST = os.environ.get("MINIGPT_FAST") == "1"
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 OUT = Path(os.environ.get("MINIGPT_COURSE_OUT", "_out"))
 READ_FILES: list[str] = []  # repository files read by read_result, for tests/test_notebooks.py
-
-
-def keep_inline_plots() -> None:
-    """In a notebook, ignore matplotlib.use("Agg"). The library's plotting functions (rlhf/plots.py, and
-    minigpt/train.py with plot=True) call it so as to write their png files on a machine without a display; in a
-    notebook it would switch off the inline backend, and every figure shown after a PPO, GRPO or DPO run would be
-    silently lost. The inline backend writes files just as well."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    if get_ipython() is None:
-        return
-    import matplotlib
-
-    if getattr(matplotlib.use, "keeps_inline", False) or "inline" not in str(matplotlib.get_backend()):
-        return
-    original = matplotlib.use
-
-    def use(backend, *args, **kwargs):
-        if str(backend).lower() != "agg":
-            original(backend, *args, **kwargs)
-
-    use.keeps_inline = True
-    matplotlib.use = use
-
-
-keep_inline_plots()
 
 
 def out_dir(name: str, clear: bool = True) -> Path:

@@ -1,23 +1,19 @@
-"""The pictures of the RL stages: reward histograms, and every logged metric of a PPO, GRPO or DPO run."""
+"""The pictures of the RL stages: reward histograms, and every logged metric of a PPO, GRPO or DPO run.
+
+Each is drawn on a matplotlib Figure of its own and written to a file, not through pyplot: no display is needed, and
+the backend of a notebook (or of any program that imports the library) is left as it was."""
 
 from __future__ import annotations
 
 import torch
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_reward_histogram(r_chosen, r_rejected, path, title: str = "Rewards of held-out pairs") -> None:
     """Overlaid histograms of the rewards of the chosen and the rejected responses."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     both = torch.cat([r_chosen, r_rejected])
     bins = torch.linspace(both.min().item(), both.max().item() + 1e-6, 41).tolist()
     ax.hist(r_chosen.tolist(), bins=bins, alpha=0.6, label=f"chosen (mean {r_chosen.mean():.2f})")
@@ -28,7 +24,6 @@ def plot_reward_histogram(r_chosen, r_rejected, path, title: str = "Rewards of h
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 PPO_PANELS = [  # (title, [(metric, label)], y label): everything train_ppo logs, one panel each
@@ -46,9 +41,12 @@ PPO_PANELS = [  # (title, [(metric, label)], y label): everything train_ppo logs
 
 def plot_metrics(rows: list[dict], path, panels, title: str, xlabel: str = "step") -> None:
     """One panel per entry of panels, each metric of it against rows' "step" (a metric not logged is left out)."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     cols = 3
-    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(13, 3 * ((len(panels) + 2) // 3)))
+    rows_of_panels = (len(panels) + cols - 1) // cols
+    fig = Figure(figsize=(13, 3 * rows_of_panels))
+    axes = fig.subplots(rows_of_panels, cols, squeeze=False)
     for ax, (name, metrics, ylabel) in zip(axes.flat, panels):
         for key, label in metrics:
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]  # evaluations are not every step
@@ -66,7 +64,6 @@ def plot_metrics(rows: list[dict], path, panels, title: str, xlabel: str = "step
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_ppo(rows: list[dict], path, title: str = "PPO") -> None:

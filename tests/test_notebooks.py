@@ -216,8 +216,8 @@ SHOWS_A_FIGURE = re.compile(r"^(?:plt\.show\(\)|course\.plot_sft_runs\(|display\
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_every_figure_is_in_the_committed_outputs(path):
     """A cell that shows a figure has an image among its committed outputs: a call that switched matplotlib away
-    from the inline backend (the library's plotting functions call matplotlib.use("Agg"), which notebooks/course.py
-    keeps from taking effect in a notebook) would silently drop every later figure."""
+    from the inline backend (the library once called matplotlib.use("Agg") to write its png files) would silently
+    drop every later figure."""
     nb = json.loads(path.read_text(encoding="utf-8"))
     for i, cell in enumerate(nb["cells"]):
         source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])

@@ -411,3 +411,22 @@ def test_two_processes_under_torchrun_as_the_readme_starts_them_give_the_same_va
         assert a["iter"] == b["iter"] and a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         if a["val_loss"] is not None:
             assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+
+
+def test_the_plots_are_written_without_touching_matplotlibs_backend(tmp_path):
+    """The library draws its png files on Figures of their own: a program or notebook that imported it keeps its
+    backend (a matplotlib.use("Agg") here once dropped every figure a notebook showed after an RL run)."""
+    subprocess.run([sys.executable, "-c", f"""
+import matplotlib, torch
+matplotlib.use("svg")
+from minigpt.train import plot_losses
+from rlhf.plots import PPO_PANELS, plot_ppo, plot_reward_histogram
+rows = [{{"iter": i, "step": i, "train_loss": 1.0 / (i + 1), "val_loss": None, "score": 0.1 * i, "kl": 0.01 * i}}
+        for i in range(4)]
+plot_losses(rows, r"{tmp_path}/loss.png")
+plot_ppo(rows, r"{tmp_path}/ppo.png")
+plot_reward_histogram(torch.randn(20) + 1, torch.randn(20), r"{tmp_path}/hist.png")
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+"""], cwd=ROOT, check=True, timeout=120)
+    for name in ("loss.png", "ppo.png", "hist.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
