@@ -420,7 +420,7 @@ def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, res
               f"torch threads: {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, which the "
               f"runs inherit); {os.cpu_count()} CPUs; load average before the runs {args_load()}. "
               "nanoGPT's validation loss is its own estimate (200 random batches), minigpt's the mean over the same "
-              "2400 fixed windows of 64 characters in every run (200 batches of 12, or 100 of 24). Wall time: from "
+              "2400 fixed windows of 64 characters in every run (128 windows a forward pass). Wall time: from "
               "the process's start to its end (imports, tokenising, evaluations, checkpoints and all); CPU time: "
               "user + system seconds of that process (os.wait4; the same work whatever else runs, with one thread); "
               f"{'the runs of a round ran at the same time (--together); ' if together else ''}training "
@@ -477,7 +477,8 @@ def main():
                    "loaded machine both then see the same load; give each one thread: OMP_NUM_THREADS=1)")
     p.add_argument("--out", default="out/bench_pretrain")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads here and in every run started "
+                   "(OMP_NUM_THREADS; default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="200 iterations instead of 2000, results in --out (a smoke "
                    "check)")
     p.add_argument("--seed", type=int, default=1337, help="the seed of the same-init pair and the better defaults")
@@ -490,6 +491,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # and the same in every run this script starts
     if args.profile:
         return profile(args)
     if not Path(args.data).is_file():

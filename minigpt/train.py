@@ -471,12 +471,19 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
     def loss_fn(m, batch):
         return m(batch[0], batch[1])[1]
 
+    # the same windows every evaluation, in fewer, larger forward passes (no gradients to keep): about 8k tokens
+    # each, or a training batch if that is larger; the mean over the windows is what it was in training batches
+    eval_batch = max(cfg.batch_size, 8192 // T)
+
     @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad)
     def evaluate(m):
         m.eval()
         device = next(m.parameters()).device
-        losses = [m(x.to(device), y.to(device))[1] for x, y in window_batches(data.val, val_offsets, cfg.batch_size, T)]
-        return {"val_loss": float(np.mean(torch.stack(losses).tolist()))}  # one device sync, not one per batch
+        losses, sizes = [], []
+        for x, y in window_batches(data.val, val_offsets, eval_batch, T):
+            losses.append(m(x.to(device), y.to(device))[1] * len(x))  # a batch's mean, weighted by its windows
+            sizes.append(len(x))
+        return {"val_loss": torch.stack(losses).double().sum().item() / sum(sizes)}  # one device sync, not one per batch
 
     if procs.is_main:
         print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "

@@ -45,6 +45,11 @@ def add_method_options(group) -> list[str]:
     return names
 
 
+def given_method_options(args) -> dict:
+    """The method options given on the command line, by name (add_method_options leaves the others out of args)."""
+    return {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m peft.train", description=__doc__, formatter_class=HelpFormatter)
     add_options(p.add_argument_group("what to fine-tune, on what"), sft.SFTConfig)
@@ -60,9 +65,8 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parse(parser, argv)
     scfg = from_args(sft.SFTConfig, args)
-    given = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
     try:
-        config = sft.method_config(scfg.method, **given)
+        config = sft.method_config(scfg.method, **given_method_options(args))
     except ValueError as e:
         parser.error(str(e))
     lr = args.lr or sft.DEFAULT_LR[scfg.method]

@@ -36,7 +36,7 @@ from minigpt.options import run as run_cli
 from minigpt.runs import claim
 from minigpt.train import TrainConfig, train, train_config_from
 from rlhf.plots import plot_metrics
-from rlhf.policy import RLRun, open_policy, reference_of, save_policy
+from rlhf.policy import RLRun, open_policy, reference_of, rl_peft_config, save_policy
 
 SOURCES = ("builtin", "on_policy", "file")
 
@@ -308,16 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    from minigpt.sft import method_config
+    from peft.train import given_method_options
 
     parser = build_parser()
     args = parse(parser, argv)
-    given = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
     try:
         run = from_args(RLRun, args, out_dir=args.out_dir)
-        if run.peft == "none" and given:
-            raise ValueError(f"options {sorted(given)} need --peft METHOD")
-        peft_config = None if run.peft == "none" else method_config(run.peft, **given)
+        peft_config = rl_peft_config(run.peft, given_method_options(args))
         dcfg = from_args(DPOConfig, args)
         cfg = train_config_from(parser, args, progress=run.progress)
     except ValueError as e:

@@ -52,6 +52,7 @@ from rlhf.policy import (
     reference_of,
     response_logprobs,
     restore_loop_state,
+    rl_peft_config,
     save_policy,
 )
 
@@ -318,16 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    from minigpt.sft import method_config
+    from peft.train import given_method_options
 
     parser = build_parser()
     args = parser.parse_args(argv)
     run = from_args(RLRun, args)
-    given = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
     try:
-        if run.peft == "none" and given:
-            raise ValueError(f"options {sorted(given)} need --peft METHOD")
-        peft_config = None if run.peft == "none" else method_config(run.peft, **given)
+        peft_config = rl_peft_config(run.peft, given_method_options(args))
         cfg = from_args(GRPOConfig, args)
     except ValueError as e:
         parser.error(str(e))

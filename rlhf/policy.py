@@ -58,6 +58,18 @@ class Policy:
     base: str | None  # for saving: the base an adapter-only policy goes on (None: save every weight)
 
 
+def rl_peft_config(method: str, options: dict):
+    """The fresh adapter an RL command trains on top of the SFT model (--peft METHOD with its method options), or
+    None for --peft none, where a method option given is an error rather than silently ignored."""
+    from minigpt.sft import method_config
+
+    if method == "none":
+        if options:
+            raise ValueError(f"options {sorted(options)} need --peft METHOD")
+        return None
+    return method_config(method, **options)
+
+
 def make_reference(model):
     """A frozen copy of the model, in evaluation mode, dropout off."""
     ref = copy.deepcopy(model).eval()

@@ -412,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     from minigpt.sft import method_config
+    from peft.train import given_method_options
 
     parser = build_parser()
     args = parse(parser, argv)
@@ -420,9 +421,8 @@ def main(argv=None) -> dict:
     if method == "auto":  # a GPT-2-sized backbone trains through LoRA, the course's small models fully
         n_params = checkpoint.load(rcfg.sft, expect="gpt").model.num_parameters()
         method = "lora" if n_params > LORA_ABOVE else "full"
-    given = {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
     try:
-        config = method_config(method, **given)
+        config = method_config(method, **given_method_options(args))
     except ValueError as e:
         parser.error(str(e))
     lr = args.lr or (1e-3 if config is None else 1e-2)

@@ -97,3 +97,13 @@ def test_options_of_another_method_and_unknown_values_are_refused(pretrained, ca
     assert "p_tuning has no option 'r'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected a reward model"):
         ppo_cli.main(["--sft", str(pretrained), "--reward", str(pretrained), "--steps", "1", "--no-progress"])
+    from rlhf import dpo as dpo_cli
+    from rlhf import grpo as grpo_cli
+
+    for cli in (ppo_cli, grpo_cli, dpo_cli):  # a method option without --peft METHOD would be silently unused
+        with pytest.raises(SystemExit):
+            cli.main(["--sft", str(pretrained), "--r", "4", "--no-progress"])
+        assert "options ['r'] need --peft METHOD" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grpo_cli.main(["--sft", str(pretrained), "--peft", "lora", "--num-virtual-tokens", "4"])
+    assert "lora has no option 'num_virtual_tokens'" in capsys.readouterr().err

@@ -279,8 +279,8 @@ def test_pretraining_evaluates_the_mean_loss_over_the_fixed_windows(tmp_path):
     (tmp_path / "text.txt").write_text(TEXT)
     out = tmp_path / "run"
     train_mod.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny",
-                    "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "3", "--batch-size", "4",
-                    "--out-dir", str(out), "--no-progress", "--no-plot"])
+                    "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "100", "--batch-size", "4",
+                    "--out-dir", str(out), "--no-progress", "--no-plot"])  # 400 windows: forward passes of 256, 144
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
     ckpt = load_checkpoint(out / "ckpt.pt")  # the model the evaluation saw, after the one step
     model = GPT(preset("tiny", vocab_size=ckpt["model_config"]["vocab_size"]))
@@ -290,7 +290,7 @@ def test_pretraining_evaluates_the_mean_loss_over_the_fixed_windows(tmp_path):
     val = data.val.astype(np.int64)
     losses = []  # window by window, each its own forward pass
     with torch.no_grad():
-        for i in fixed_windows(data.val, 3 * 4, T):
+        for i in fixed_windows(data.val, 100 * 4, T):
             x, y = torch.from_numpy(val[i : i + T])[None], torch.from_numpy(val[i + 1 : i + 1 + T])
             losses.append(torch.nn.functional.cross_entropy(model(x)[0][0], y).item())
     assert logged == pytest.approx(sum(losses) / len(losses), abs=1e-5)
