@@ -420,7 +420,7 @@ def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, res
               f"torch threads: {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, which the "
               f"runs inherit); {os.cpu_count()} CPUs; load average before the runs {args_load()}. "
               "nanoGPT's validation loss is its own estimate (200 random batches), minigpt's the mean over the same "
-              "2400 fixed windows of 64 characters in every run (128 windows a forward pass). Wall time: from "
+              "2400 fixed windows of 64 characters in every run (the trainer's runs: 128 windows a forward pass). Wall time: from "
               "the process's start to its end (imports, tokenising, evaluations, checkpoints and all); CPU time: "
               "user + system seconds of that process (os.wait4; the same work whatever else runs, with one thread); "
               f"{'the runs of a round ran at the same time (--together); ' if together else ''}training "

@@ -471,9 +471,9 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
     def loss_fn(m, batch):
         return m(batch[0], batch[1])[1]
 
-    # the same windows every evaluation, in fewer, larger forward passes (no gradients to keep): about 8k tokens
-    # each, or a training batch if that is larger; the mean over the windows is what it was in training batches
-    eval_batch = max(cfg.batch_size, 8192 // T)
+    # the same windows every evaluation, in fewer, larger forward passes (no gradients to keep): up to 8k tokens and
+    # 2^24 logits (64 MiB) a pass, at least a training batch; the mean over the windows is what it was in batches
+    eval_batch = max(cfg.batch_size, min(8192, 2**24 // tokenizer.vocab_size) // T)
 
     @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad)
     def evaluate(m):
@@ -483,7 +483,7 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
         for x, y in window_batches(data.val, val_offsets, eval_batch, T):
             losses.append(m(x.to(device), y.to(device))[1] * len(x))  # a batch's mean, weighted by its windows
             sizes.append(len(x))
-        return {"val_loss": torch.stack(losses).double().sum().item() / sum(sizes)}  # one device sync, not one per batch
+        return {"val_loss": torch.stack(losses).cpu().double().sum().item() / sum(sizes)}  # one sync, not one a batch
 
     if procs.is_main:
         print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "
@@ -545,7 +545,7 @@ def main(argv=None) -> dict:
     pcfg = recorded_settings(parser, args) if cfg.resume else from_args(PretrainConfig, args)
     results = pretrain(pcfg, cfg)
     if dist.is_initialized():
-        dist.barrier()  # all processes leave together: gloo can abort a process whose peer tore down first
+        dist.barrier()  # no process tears down while another is still at work (gloo has aborted one that was)
         dist.destroy_process_group()
     return results
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -404,6 +405,7 @@ def test_two_processes_under_torchrun_as_the_readme_starts_them_give_the_same_va
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         if two.returncode == 0 or "terminate called without an active exception" not in two.stderr:
             break
+        warnings.warn("torchrun: gloo aborted a process at teardown; trying once more")  # shown in CI's summary
     assert two.returncode == 0, two.stderr[-3000:]
     rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("one", "two")]
