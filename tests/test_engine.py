@@ -128,3 +128,47 @@ def test_next_token_logits_are_the_last_position_of_the_full_forward():
     idx = torch.randint(0, 30, (3, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(engine.next_token_logits(model, idx), model(idx)[0][:, -1], atol=1e-6, rtol=0)
+
+
+def uneven_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 30, (int(k),), generator=g).tolist() for k in torch.randint(1, 13, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("method", [None, "lora", "prefix_tuning"])
+def test_a_prefill_in_groups_leaves_what_one_pass_over_the_batch_leaves(method):
+    """The same next-token logits, key mask, token counts and keys and values at every real position, then the same
+    logits for three more tokens decoded from either cache."""
+    model = tiny_gpt(32).eval()
+    if method:
+        config = peft.LoraConfig(r=4) if method == "lora" else peft.PrefixTuningConfig(num_virtual_tokens=3)
+        model = peft.get_peft_model(model, config).eval()
+    ids, mask = engine.left_pad(uneven_prompts(11), PAD)
+    mask = mask.bool()
+    one, grouped = engine.KVCache(model.config.n_layer, 32), engine.KVCache(model.config.n_layer, 32)
+    extra = torch.randint(0, 30, (11, 3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        steps_one = [engine.next_token_logits(model, ids, mask, one)]
+        steps_grouped = [engine.prefill_in_groups(model, ids, mask, grouped, groups=3)]
+        assert torch.equal(grouped.key_mask, one.key_mask) and torch.equal(grouped.n_seen, one.n_seen)
+        assert len(grouped) == len(one) == ids.size(1)
+        for a, b in zip(one.layers, grouped.layers):
+            real = mask[:, None, :, None].expand_as(a.k[:, :, : len(one)])  # (B, nh, T, hs)
+            torch.testing.assert_close(b.k[:, :, : len(one)][real], a.k[:, :, : len(one)][real], atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.v[:, :, : len(one)][real], a.v[:, :, : len(one)][real], atol=1e-5, rtol=0)
+        for t in range(3):
+            steps_one.append(engine.next_token_logits(model, extra[:, t : t + 1], None, one))
+            steps_grouped.append(engine.next_token_logits(model, extra[:, t : t + 1], None, grouped))
+    torch.testing.assert_close(torch.stack(steps_grouped), torch.stack(steps_one), atol=1e-5, rtol=0)
+
+
+def test_a_large_uneven_batch_completes_as_each_prompt_alone(monkeypatch):
+    """Twelve prompts of 1 to 12 tokens: enough rows and padding for the grouped prefill, each row as if alone."""
+    model = tiny_gpt(32).eval()
+    prompts = uneven_prompts(12, seed=2)
+    calls, prefill = [], engine.prefill_in_groups
+    monkeypatch.setattr(engine, "prefill_in_groups", lambda *a, **k: calls.append(1) or prefill(*a, **k))
+    out = engine.complete(model, prompts, 5, EOS, PAD)
+    assert calls == [1]  # the prompt step ran in groups
+    for b, p in enumerate(prompts):
+        assert out.responses()[b] == [t for t in greedy_by_hand(model, p, 5) if t != EOS], b
