@@ -117,11 +117,6 @@ class KVCache:
         self.length += n
         return self.key_mask if self.padded else None
 
-    def record_prompt(self, mask):
-        """What append(mask, ...) records for a left-padded prompt (B, T) in an empty cache, for a prefill whose
-        keys and values were written in groups of rows (LayerCache.put)."""
-        self.append(mask.bool(), *mask.shape, device=mask.device)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # One token from the logits
@@ -202,7 +197,7 @@ def prefill_in_groups(model, ids, mask, cache, groups: int = PREFILL_GROUPS):
         logits[rows] = out
         for layer, piece in zip(cache.layers, part.layers):
             layer.put(rows, T - M, piece.k[:, :, :M], piece.v[:, :, :M], B, T)
-    cache.record_prompt(mask)
+    cache.append(mask.bool(), B, T, device=mask.device)  # the prompt's positions (keys and values are already put)
     return logits
 
 

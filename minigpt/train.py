@@ -479,11 +479,9 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
     def evaluate(m):
         m.eval()
         device = next(m.parameters()).device
-        losses, sizes = [], []
-        for x, y in window_batches(data.val, val_offsets, eval_batch, T):
-            losses.append(m(x.to(device), y.to(device))[1] * len(x))  # a batch's mean, weighted by its windows
-            sizes.append(len(x))
-        return {"val_loss": torch.stack(losses).cpu().double().sum().item() / sum(sizes)}  # one sync, not one a batch
+        losses = [m(x.to(device), y.to(device))[1] * len(x)  # a batch's mean, weighted by its windows
+                  for x, y in window_batches(data.val, val_offsets, eval_batch, T)]
+        return {"val_loss": torch.stack(losses).cpu().double().sum().item() / len(val_offsets)}  # one sync in all
 
     if procs.is_main:
         print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "
