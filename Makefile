@@ -31,9 +31,9 @@ parity: $(STAMP)  ## compare against transformers / huggingface peft, installed 
 	bash tests/reference/setup.sh
 	PARITY_REQUIRE_REFERENCE=1 $(PY) -m pytest -q -m parity
 
-bench:  ## speed of minigpt vs transformers GPT-2 (benchmarks/bench_model.py, run in .venv-ref)
+bench:  ## speed of minigpt vs transformers GPT-2 (benchmarks/bench_model.py, run in .venv-ref; make demo's models too)
 	bash tests/reference/setup.sh
-	.venv-ref/bin/python benchmarks/bench_model.py
+	.venv-ref/bin/python benchmarks/bench_model.py $(if $(wildcard out/pipeline/ppo/model.json),--trained out/pipeline/sft out/pipeline/ppo)
 
 bench-pretrain: $(STAMP)  ## nanoGPT's CPU baby run, side by side with nanoGPT's own train.py if NANOGPT=path/to/nanoGPT
 	$(PY) benchmarks/bench_pretrain.py $(if $(NANOGPT),--nanogpt $(NANOGPT))

@@ -9,7 +9,10 @@ Four measurements, each reported as medians and a ratio:
       (goal: minigpt / HF >= 1.0);
   (d) batched generation as the RL rollouts run it: minigpt's engine.complete on 64 left-padded prompts of 8-40
       tokens against transformers' generate on the same padded batch, greedy, stopping rows at eos and filling
-      them with pad on both sides (goal: minigpt / HF tokens/s >= 1.5).
+      them with pad on both sides (goal: minigpt / HF tokens/s >= 1.5);
+  (e) with --trained PATH...: the same on models the project trained (make bench passes make demo's sft and ppo
+      when they exist), with their tokenizer
+      and the built-in PPO prompts, where most rows end early (goal as in (d)).
 The two sides of a comparison are interleaved (ABAB..., who goes first alternating) so that load from other
 processes falls on both alike. The markdown table goes to stdout and to benchmarks/results/model.md.
 
@@ -185,6 +188,49 @@ def bench_batched(name, shape, args):
                t["hf"] / t["minigpt"], speeds + (", same tokens" if same else ", tokens differ"))
 
 
+def bench_trained(path, args):
+    """Greedy rollouts of a model the project trained (path, e.g. out/pipeline/ppo): its own tokenizer, 64 of
+    the built-in PPO training prompts, eos and pad as the RL methods use them; the same weights written as a GPT-2
+    folder (minigpt.pretrained.save_gpt2) for transformers. A trained model ends most responses early: the engine
+    drops finished rows from its batch, transformers' generate keeps computing them until the last row ends."""
+    from minigpt import checkpoint, tasks
+    from minigpt.pretrained import save_gpt2
+
+    loaded = checkpoint.load(path, expect="gpt")
+    ours, tok = loaded.model.eval(), loaded.tokenizer
+    with tempfile.TemporaryDirectory() as d:
+        save_gpt2(ours, d, eos_token_id=tok.eos_token_id)
+        hf = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32).eval()
+    prompts = [tok.encode(ex["prompt"]) for ex in tasks.ppo_prompts(seed=0)[0][: args.batch_prompts]]
+    n, pad, eos = args.batch_new_tokens, tok.pad_token_id, tok.eos_token_id
+    ids, mask = engine.left_pad(prompts, pad)
+
+    def run_ours():
+        return engine.complete(ours, prompts, n, eos_token_id=eos, pad_token_id=pad).response
+
+    def run_ours_keeping_rows():  # the engine before it dropped finished rows
+        engine.DROP_FINISHED = False
+        try:
+            return run_ours()
+        finally:
+            engine.DROP_FINISHED = True
+
+    def run_hf():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, use_cache=True,
+                          pad_token_id=pad, eos_token_id=eos)[:, ids.size(1) :]
+        return F.pad(out, (0, n - out.size(1)), value=pad)
+
+    a, b, c = (F.pad(r, (0, n - r.size(1)), value=pad) for r in (run_ours(), run_hf(), run_ours_keeping_rows()))
+    same = torch.equal(a, b) and torch.equal(a, c)  # (B, n) each, pad after the last row's end
+    lengths = engine.response_mask_of(a, eos).sum(-1).float()
+    t = interleaved({"minigpt": run_ours, "hf": run_hf, "keeping": run_ours_keeping_rows}, args.gen_repeats)
+    note = (f"responses {float(lengths.mean()):.1f} tokens on average (eos included), the longest "
+            f"{int(lengths.max())} of {n}; dropping finished rows {t['keeping'] / t['minigpt']:.2f}x faster than "
+            f"keeping them ({1e3 * t['keeping']:.1f} ms)" + (", same tokens" if same else ", tokens differ"))
+    return row(f"batched generate, trained model {path}, {len(prompts)} prompts x {n} new tokens",
+               t["minigpt"], t["hf"], t["hf"] / t["minigpt"], note)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Report
 
@@ -237,6 +283,10 @@ def table(rows, args) -> str:
             f"block_size {args.gen_block}. Batched: {args.batch_prompts} prompts of 8-40 tokens left-padded, greedy, "
             f"eos and pad as the RL rollouts use them, block_size {args.batch_block}; tokens/s counts "
             f"{args.batch_prompts} x {args.batch_new_tokens} tokens on both sides."
+            + (" Trained models (--trained): their own vocabulary and tokenizer, the first "
+               f"{args.batch_prompts} built-in PPO training prompts, greedy, the same tokens checked on all three "
+               "sides; the engine keeping finished rows is timed in the same interleaved rounds."
+               if args.trained else "")
         ),
         "",
         f"Load average (1 min) at the start and the end of the run: {load_text(args.load_start)} and "
@@ -260,8 +310,10 @@ def main(argv=None):
     p.add_argument("--batch-prompts", type=int, default=64, help="prompts in the batched generation")
     p.add_argument("--batch-new-tokens", type=int, default=24, help="new tokens per prompt, batched (PPO's default)")
     p.add_argument("--batch-block", type=int, default=128, help="block_size of the batched-generation models")
-    p.add_argument("--only", choices=["train", "cache", "generate", "batched"], nargs="+",
+    p.add_argument("--only", choices=["train", "cache", "generate", "batched", "trained"], nargs="+",
                    help="run only these measurements")
+    p.add_argument("--trained", nargs="+", default=[], help="also time greedy rollouts of these trained model folders "
+                   "against transformers (e.g. out/pipeline/sft out/pipeline/ppo after make demo; default: none)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "model.md")
     args = p.parse_args(argv)
     args.load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -277,9 +329,12 @@ def main(argv=None):
         for name, shape in SHAPES.items():
             rows.append(bench(name, shape, args))
             print(f"  {rows[-1]['what']}: ratio {rows[-1]['ratio']:.2f} ({rows[-1]['note']})", file=sys.stderr)
+    for path in args.trained if not args.only or "trained" in args.only else []:
+        rows.append(bench_trained(path, args))
+        print(f"  {rows[-1]['what']}: ratio {rows[-1]['ratio']:.2f} ({rows[-1]['note']})", file=sys.stderr)
 
     peft = sys.modules.get("peft")
-    if peft is not None and str(REPO) in str(getattr(peft, "__file__", "")):
+    if peft is not None and Path(getattr(peft, "__file__", "/")).resolve().parent == REPO / "peft":
         raise RuntimeError(f"this repo's peft was imported ({peft.__file__}); minigpt must not import peft")
     report = table(rows, args)
     print(report)

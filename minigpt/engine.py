@@ -19,8 +19,9 @@ first step runs the prompt through the model and keeps every layer's keys and va
 newest token and attends over the cached keys. Left padding puts every row's next token in the same column, so a
 batch of prompts of different lengths decodes together; the attention mask keeps padding out of attention and
 position ids count real tokens only. A padded batch's prompt step runs in a few groups of rows of similar length,
-each padded only to its own longest prompt (prefill_in_groups), and fills the cache as one pass would. When the
-context is full the loop goes on without the cache over the last block_size tokens (a sliding window, as nanoGPT
+each padded only to its own longest prompt (prefill_in_groups), and fills the cache as one pass would. Rows that
+have finished leave the cached batch once a quarter of it has (KVCache.keep_rows), so the steps after that compute
+only the rows still decoding; the tokens are the same. When the context is full the loop goes on without the cache over the last block_size tokens (a sliding window, as nanoGPT
 does).
 """
 
@@ -100,6 +101,17 @@ class KVCache:
     def key_mask(self):
         return None if self._key_mask is None else self._key_mask[:, : self.length]  # (B, S)
 
+    def keep_rows(self, rows):
+        """Keep only the cached rows at indices rows (b,), in that order: rows that finished decoding leave the
+        batch, so that later steps compute only what the others need."""
+        for layer in self.layers:
+            if layer.k is not None:
+                layer.k, layer.v = layer.k[rows], layer.v[rows]  # (b, nh, capacity, hs)
+        if self._key_mask is not None:
+            self._key_mask = self._key_mask[rows]
+        if torch.is_tensor(self.n_seen):
+            self.n_seen = self.n_seen[rows]
+
     def append(self, mask, B: int, T: int, n_virtual: int = 0, device=None):
         """Record n_virtual + T new positions: n_virtual virtual tokens (real keys, but not tokens seen), then T
         tokens whose mask (B, T) bool says which are real (None: all). Returns the key mask over every cached
@@ -176,6 +188,7 @@ def next_token_logits(model, idx, attention_mask=None, cache=None):
 
 
 PREFILL_GROUPS = 4  # groups of rows the first step of a padded batch runs in (engine.prefill_in_groups)
+DROP_FINISHED = True  # rows that emitted eos leave the cached batch once a quarter of it has (see _steps)
 
 
 def prefill_in_groups(model, ids, mask, cache, groups: int = PREFILL_GROUPS):
@@ -224,25 +237,41 @@ def _steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, 
     # least a tenth of it; not with a prompt method's virtual tokens, whose per-row prompts a group would need
     grouped = (cache is not None and padded and B >= 2 * PREFILL_GROUPS and window == model.config.block_size
                and 10 * int((~step_mask).sum()) >= step_mask.numel())
+    # once a quarter of the cached rows have emitted eos, the cache keeps only the others (KVCache.keep_rows):
+    # `live` (b,) lists the batch rows it holds (None: all B). Their logits go back into a (B, V) tensor (zeros for
+    # finished rows, whose tokens are the fill token anyway), so the sampled tokens are those of the whole batch
+    live = None
     for t in range(T, T + max_new_tokens):
         if cache is not None and t - start > window:
-            cache = None  # context full: slide the window from now on
+            cache, live = None, None  # context full: slide the window over every row from now on
         if cache is None:
             lo = max(0, t - window)
             step_input, step_mask = seq[:, lo:t], mask[:, lo:t] if padded else None
         if grouped and t == T:
             logits = prefill_in_groups(model, step_input, step_mask, cache)  # (B, V)
         else:
-            logits = next_token_logits(model, step_input, step_mask, cache)  # (B, V)
+            logits = next_token_logits(model, step_input, step_mask, cache)  # (b, V)
+        if live is not None:
+            logits = logits.new_zeros(B, logits.size(-1)).index_copy_(0, live, logits)  # (B, V)
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_token_id is not None:
             next_token = torch.where(finished, torch.full_like(next_token, fill_token_id), next_token)
             finished |= next_token == eos_token_id
         seq[:, t] = next_token
-        step_input, step_mask = seq[:, t : t + 1], None  # the cache remembers the prompt's padding
         yield next_token, logits
-        if eos_token_id is not None and bool(finished.all()):
+        if eos_token_id is None:
+            step_input, step_mask = seq[:, t : t + 1], None  # the cache remembers the prompt's padding
+            continue
+        n_done = int(finished.sum())  # the step's one host sync
+        if n_done == B:
             return
+        cached = B if live is None else live.numel()
+        last = t == T + max_new_tokens - 1
+        if cache is not None and DROP_FINISHED and not last and 4 * (n_done - (B - cached)) >= cached:
+            keep = (~finished if live is None else ~finished[live]).nonzero().squeeze(1)  # (b,) among cached rows
+            cache.keep_rows(keep)
+            live = keep if live is None else live[keep]
+        step_input, step_mask = (seq[:, t : t + 1] if live is None else seq[live, t : t + 1]), None
 
 
 @contextlib.contextmanager

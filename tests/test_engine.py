@@ -172,3 +172,62 @@ def test_a_large_uneven_batch_completes_as_each_prompt_alone(monkeypatch):
     assert calls == [1]  # the prompt step ran in groups
     for b, p in enumerate(prompts):
         assert out.responses()[b] == [t for t in greedy_by_hand(model, p, 5) if t != EOS], b
+
+
+def spy_on_keep_rows(monkeypatch) -> list[int]:
+    """The number of rows kept at each KVCache.keep_rows call."""
+    kept, keep = [], engine.KVCache.keep_rows
+    monkeypatch.setattr(engine.KVCache, "keep_rows", lambda self, rows: kept.append(len(rows)) or keep(self, rows))
+    return kept
+
+
+def test_rows_that_finish_leave_the_batch_and_every_row_completes_as_alone(monkeypatch):
+    """Rows emit eos at different steps; once a quarter of the cached rows have, the cache drops them
+    (KVCache.keep_rows) and later steps compute only the others. Every row's greedy response is still what full
+    forward passes over it alone give."""
+    model = tiny_gpt(32).eval()
+    pool = uneven_prompts(96, seed=3)
+    alone = [greedy_by_hand(model, p, 10) for p in pool]  # EOS (30) never comes greedily from this model
+    firsts = {tok: [a.index(tok) for a in alone if tok in a] for tok in range(30)}
+    eos = max(firsts, key=lambda tok: (len(set(firsts[tok])), len(firsts[tok])))  # reached at the most steps
+    rows = [i for i, a in enumerate(alone) if eos in a] + [i for i, a in enumerate(alone) if eos not in a][:5]
+    prompts = [pool[i] for i in rows]
+    expected = [alone[i][: alone[i].index(eos)] if eos in alone[i] else alone[i] for i in rows]
+    assert len(set(firsts[eos])) >= 4 and len(rows) >= 12  # rows finish at several steps, five never
+    kept = spy_on_keep_rows(monkeypatch)
+    out = engine.complete(model, prompts, 10, eos, PAD)
+    ends = [alone[i].index(eos) if eos in alone[i] else 99 for i in rows]  # the step each row emits eos at
+    cached, expected_kept = len(rows), []
+    for step in range(9):  # after each step but the last: drop once a quarter of the cached rows have finished
+        left = sum(e > step for e in ends)
+        if 4 * (cached - left) >= cached:
+            cached = left
+            expected_kept.append(left)
+    assert kept == expected_kept and len(kept) >= 2
+    assert out.responses() == expected
+
+
+@pytest.mark.parametrize("method", [None, "lora", "prefix_tuning", "prompt_tuning"])
+def test_dropping_finished_rows_changes_no_sampled_token(monkeypatch, method):
+    """The same seed gives the same tokens and log-probabilities with finished rows dropped and with every row
+    decoded to the end (DROP_FINISHED off); with and without a PEFT method."""
+    model = tiny_gpt(32).eval()
+    if method:
+        config = {"lora": peft.LoraConfig(r=4), "prefix_tuning": peft.PrefixTuningConfig(num_virtual_tokens=3),
+                  "prompt_tuning": peft.PromptTuningConfig(num_virtual_tokens=3)}[method]
+        model = peft.get_peft_model(model, config).eval()
+        with torch.no_grad():  # adapters that change the output (LoRA's B starts at zero)
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn_like(p))
+    prompts = uneven_prompts(16, seed=4)
+    kept = spy_on_keep_rows(monkeypatch)
+    dropped = engine.complete(model, prompts, 24, EOS, PAD, temperature=1.2, seed=0, logprobs=True)
+    calls = len(kept)
+    assert calls  # rows left the batch
+    monkeypatch.setattr(engine, "DROP_FINISHED", False)
+    every = engine.complete(model, prompts, 24, EOS, PAD, temperature=1.2, seed=0, logprobs=True)
+    assert len(kept) == calls  # every row decoded to the end
+    assert 4 <= int(dropped.has_eos.sum()) < 16
+    assert torch.equal(dropped.tokens, every.tokens)
+    torch.testing.assert_close(dropped.logprobs, every.logprobs, atol=1e-5, rtol=0)
