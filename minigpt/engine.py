@@ -21,8 +21,8 @@ batch of prompts of different lengths decodes together; the attention mask keeps
 position ids count real tokens only. A padded batch's prompt step runs in a few groups of rows of similar length,
 each padded only to its own longest prompt (prefill_in_groups), and fills the cache as one pass would. Rows that
 have finished leave the cached batch once a quarter of it has (KVCache.keep_rows), so the steps after that compute
-only the rows still decoding; the tokens are the same. When the context is full the loop goes on without the cache over the last block_size tokens (a sliding window, as nanoGPT
-does).
+only the rows still decoding; the tokens are the same. When the context is full the loop goes on without the cache
+over the last block_size tokens (a sliding window, as nanoGPT does).
 """
 
 from __future__ import annotations
@@ -233,14 +233,18 @@ def _steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, 
     cache = KVCache(model.config.n_layer, model.config.block_size) if use_cache else None
     start = max(0, T - window)  # the first step reads at most `window` tokens: a longer prompt slides at once
     step_input, step_mask = seq[:, start:T], mask[:, start:T] if padded else None
+    # a mixed-task batch of a prompt method (peft.task_ids): its layers pick each row's prompt by the row's place in
+    # the batch, so the batch keeps all its rows in every pass (no grouped prefill, no dropped rows)
+    whole_batch = any(getattr(m, "task_ids", None) is not None for m in model.modules())
     # a padded batch's first step runs in groups of rows of similar length (prefill_in_groups) when padding is at
     # least a tenth of it; not with a prompt method's virtual tokens, whose per-row prompts a group would need
     grouped = (cache is not None and padded and B >= 2 * PREFILL_GROUPS and window == model.config.block_size
-               and 10 * int((~step_mask).sum()) >= step_mask.numel())
+               and not whole_batch and 10 * int((~step_mask).sum()) >= step_mask.numel())
     # once a quarter of the cached rows have emitted eos, the cache keeps only the others (KVCache.keep_rows):
     # `live` (b,) lists the batch rows it holds (None: all B). Their logits go back into a (B, V) tensor (zeros for
     # finished rows, whose tokens are the fill token anyway), so the sampled tokens are those of the whole batch
     live = None
+    droppable = DROP_FINISHED and not whole_batch
     for t in range(T, T + max_new_tokens):
         if cache is not None and t - start > window:
             cache, live = None, None  # context full: slide the window over every row from now on
@@ -267,7 +271,7 @@ def _steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, 
             return
         cached = B if live is None else live.numel()
         last = t == T + max_new_tokens - 1
-        if cache is not None and DROP_FINISHED and not last and 4 * (n_done - (B - cached)) >= cached:
+        if cache is not None and droppable and not last and 4 * (n_done - (B - cached)) >= cached:
             keep = (~finished if live is None else ~finished[live]).nonzero().squeeze(1)  # (b,) among cached rows
             cache.keep_rows(keep)
             live = keep if live is None else live[keep]
@@ -392,7 +396,8 @@ def complete(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id:
     rmask = response_mask_of(response, eos_token_id)
     lp = None
     if logprobs:
-        lp = (torch.stack(step_logprobs, dim=1) if step_logprobs else response.float()) * rmask
+        lp = torch.stack(step_logprobs, dim=1) if step_logprobs else response.float()
+        lp = torch.where(rmask.bool(), lp, 0.0)  # 0 after eos (a fill token outside top_k / top_p has -inf there)
     return Generation(torch.cat([ids, response], dim=1), torch.cat([mask, rmask], dim=1), ids.size(1), rmask,
                       eos_token_id, lp)
 

@@ -205,6 +205,9 @@ def test_rows_that_finish_leave_the_batch_and_every_row_completes_as_alone(monke
             expected_kept.append(left)
     assert kept == expected_kept and len(kept) >= 2
     assert out.responses() == expected
+    top1 = engine.complete(model, prompts, 10, eos, PAD, temperature=1.0, top_k=1, logprobs=True)
+    assert top1.responses() == expected  # top_k = 1 is greedy, and each token has probability 1 (log-prob 0)
+    assert torch.equal(top1.logprobs, torch.zeros_like(top1.logprobs))  # 0 after eos too, not -inf * 0
 
 
 @pytest.mark.parametrize("method", [None, "lora", "prefix_tuning", "prompt_tuning"])
@@ -222,12 +225,34 @@ def test_dropping_finished_rows_changes_no_sampled_token(monkeypatch, method):
                     p.add_(0.3 * torch.randn_like(p))
     prompts = uneven_prompts(16, seed=4)
     kept = spy_on_keep_rows(monkeypatch)
-    dropped = engine.complete(model, prompts, 24, EOS, PAD, temperature=1.2, seed=0, logprobs=True)
+    dropped = engine.complete(model, prompts, 24, EOS, PAD, temperature=1.2, top_p=0.95, seed=0, logprobs=True)
     calls = len(kept)
     assert calls  # rows left the batch
     monkeypatch.setattr(engine, "DROP_FINISHED", False)
-    every = engine.complete(model, prompts, 24, EOS, PAD, temperature=1.2, seed=0, logprobs=True)
+    every = engine.complete(model, prompts, 24, EOS, PAD, temperature=1.2, top_p=0.95, seed=0, logprobs=True)
     assert len(kept) == calls  # every row decoded to the end
     assert 4 <= int(dropped.has_eos.sum()) < 16
     assert torch.equal(dropped.tokens, every.tokens)
+    assert torch.isfinite(dropped.logprobs).all()  # 0 after eos, whatever the fill token's probability
     torch.testing.assert_close(dropped.logprobs, every.logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_mixed_task_batch_keeps_its_rows(monkeypatch):
+    """With peft.task_ids, Prefix-Tuning's layers pick each row's prefix by its place in the batch: no row leaves
+    it, and each row still decodes as it would alone with its task."""
+    model = peft.get_peft_model(tiny_gpt(32), peft.PrefixTuningConfig(num_virtual_tokens=3, num_tasks=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    prompts, tasks = uneven_prompts(16, seed=4), [b % 2 for b in range(16)]
+    kept = spy_on_keep_rows(monkeypatch)
+    with peft.task_ids(model, tasks):
+        out = engine.complete(model, prompts, 24, EOS, PAD, temperature=1.2, seed=0)
+    assert not kept and 4 <= int(out.has_eos.sum()) < 16  # a quarter finished, yet nothing was dropped
+    for b in (0, 1, 5):
+        with peft.task_ids(model, [tasks[b]]):
+            alone = engine.complete(model, [prompts[b]], 24, EOS, PAD, temperature=0)
+        with peft.task_ids(model, tasks):
+            greedy = engine.complete(model, prompts, 24, EOS, PAD, temperature=0)
+        assert greedy.responses()[b] == alone.responses()[0]
