@@ -364,12 +364,19 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+def close(a, b) -> bool:
+    """Equal up to float32 rounding: TOL, relative to the logits' size once they exceed 1 (adapters on every layer
+    make them larger, and two float32 implementations' rounding differences grow with them; lora_all_rslora reached
+    1.8e-5 on one CPU)."""
+    return max_diff(a, b) <= TOL * max(1.0, b.abs().max().item())
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("name", list(OURS))
 def test_hf_peft_opens_our_adapter_with_our_logits(travel, name):
     base = logits(GPT.from_pretrained(travel["model_dir"]).eval(), travel["idx"])
     assert max_diff(travel["ours"][name], base) > 1e-2  # the adapter does change the outputs
-    assert max_diff(travel["ref"][f"load.{name}.logits"], travel["ours"][name]) <= TOL
+    assert close(travel["ref"][f"load.{name}.logits"], travel["ours"][name])
 
 
 @pytest.mark.parity
@@ -378,6 +385,6 @@ def test_an_adapter_hf_peft_saved_loads_here_with_its_logits(travel, name):
     model = peft.load_hf_adapter(GPT.from_pretrained(travel["model_dir"]).eval(), travel["root"] / "theirs" / name)
     expected = travel["ref"][f"make.{name}.logits"]
     assert max_diff(expected, travel["ref"]["base.logits"]) > 1e-2
-    assert max_diff(logits(model, travel["idx"]), expected) <= TOL
+    assert close(logits(model, travel["idx"]), expected)
     if name == "lora":  # HF trained a shared A for the three thirds: query, key and value, each of rank 4
         assert model.peft_config.r == 4 and math.isclose(model.peft_config.scaling, 2.0)
