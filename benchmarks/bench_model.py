@@ -11,8 +11,8 @@ Four measurements, each reported as medians and a ratio:
       tokens against transformers' generate on the same padded batch, greedy, stopping rows at eos and filling
       them with pad on both sides (goal: minigpt / HF tokens/s >= 1.5);
   (e) with --trained PATH...: the same on models the project trained (make bench passes make demo's sft and ppo
-      when they exist), with their tokenizer
-      and the built-in PPO prompts, where most rows end early (goal as in (d)).
+      when they exist), with their tokenizer and the built-in PPO prompts, where most rows end early; the engine
+      with DROP_FINISHED off is timed in the same rounds (goal as in (d)).
 The two sides of a comparison are interleaved (ABAB..., who goes first alternating) so that load from other
 processes falls on both alike. The markdown table goes to stdout and to benchmarks/results/model.md.
 

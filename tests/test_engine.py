@@ -220,7 +220,7 @@ def test_dropping_finished_rows_changes_no_sampled_token(monkeypatch, method):
                   "prompt_tuning": peft.PromptTuningConfig(num_virtual_tokens=3)}[method]
         model = peft.get_peft_model(model, config).eval()
         with torch.no_grad():  # adapters that change the output (LoRA's B starts at zero)
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.3 * torch.randn_like(p))
     prompts = uneven_prompts(16, seed=4)
@@ -250,9 +250,9 @@ def test_a_mixed_task_batch_keeps_its_rows(monkeypatch):
     with peft.task_ids(model, tasks):
         out = engine.complete(model, prompts, 24, EOS, PAD, temperature=1.2, seed=0)
     assert not kept and 4 <= int(out.has_eos.sum()) < 16  # a quarter finished, yet nothing was dropped
+    with peft.task_ids(model, tasks):
+        greedy = engine.complete(model, prompts, 24, EOS, PAD, temperature=0)
     for b in (0, 1, 5):
         with peft.task_ids(model, [tasks[b]]):
             alone = engine.complete(model, [prompts[b]], 24, EOS, PAD, temperature=0)
-        with peft.task_ids(model, tasks):
-            greedy = engine.complete(model, prompts, 24, EOS, PAD, temperature=0)
         assert greedy.responses()[b] == alone.responses()[0]
