@@ -263,18 +263,17 @@ def _steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, 
             finished |= next_token == eos_token_id
         seq[:, t] = next_token
         yield next_token, logits
-        if eos_token_id is None:
-            step_input, step_mask = seq[:, t : t + 1], None  # the cache remembers the prompt's padding
-            continue
-        n_done = int(finished.sum())  # the step's one host sync
-        if n_done == B:
-            return
-        cached = B if live is None else live.numel()
-        last = t == T + max_new_tokens - 1
-        if cache is not None and droppable and not last and 4 * (n_done - (B - cached)) >= cached:
-            keep = (~finished if live is None else ~finished[live]).nonzero().squeeze(1)  # (b,) among cached rows
-            cache.keep_rows(keep)
-            live = keep if live is None else live[keep]
+        if eos_token_id is not None:
+            n_done = int(finished.sum())  # the step's one host sync
+            if n_done == B:
+                return
+            cached = B if live is None else live.numel()
+            last = t == T + max_new_tokens - 1
+            if cache is not None and droppable and not last and 4 * (n_done - (B - cached)) >= cached:
+                keep = (~finished if live is None else ~finished[live]).nonzero().squeeze(1)  # (b,) cached rows kept
+                cache.keep_rows(keep)
+                live = keep if live is None else live[keep]
+        # the next step reads the new token of each cached row; the cache remembers the prompt's padding
         step_input, step_mask = (seq[:, t : t + 1] if live is None else seq[live, t : t + 1]), None
 
 
