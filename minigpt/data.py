@@ -141,3 +141,29 @@ def window_batches(tokens: np.ndarray, offsets: list[int], batch_size: int, bloc
     """Batches (x, y) of the windows at the given offsets."""
     for start in range(0, len(offsets), batch_size):
         yield _windows(tokens, offsets[start : start + batch_size], block_size)
+
+
+# -- right-padded batches of examples (SFT, reward-model and DPO pairs) ----------------------------------------
+
+ROWS_PER_PASS = 8  # rows a forward pass takes on a CPU: the fastest of 6, 8, 11, 16, 24 in SFT and reward-model steps
+
+
+def length_groups(lengths: torch.Tensor, rows_per_pass: int = ROWS_PER_PASS) -> list[torch.Tensor]:
+    """Row indices (each a 1-D tensor) of a right-padded batch whose rows have these lengths (B,), in groups of
+    about rows_per_pass rows of similar length, shortest first.
+
+    A forward pass over one group needs only the columns up to its longest row: in a causal model a real token
+    never attends to the padding on its right, so its logits do not change, and a loss summed over the groups is
+    the batch's loss with less padding computed (the built-in SFT batches are a third padding). On a GPU, bound by
+    kernel launches rather than arithmetic at these sizes, the batch stays one group in its own order."""
+    n_groups = round(len(lengths) / rows_per_pass)
+    if lengths.device.type != "cpu" or n_groups <= 1:
+        return [torch.arange(len(lengths), device=lengths.device)]  # one group, in the batch's order
+    return list(torch.argsort(lengths, stable=True).chunk(n_groups))
+
+
+def labelled_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) one past the last position of each row of labels (B, T) whose label is not -100: the columns a
+    right-padded row needs."""
+    positions = torch.arange(1, labels.size(1) + 1, device=labels.device)  # (T,)
+    return ((labels != -100) * positions).amax(-1)  # (B,)

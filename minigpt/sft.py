@@ -9,7 +9,8 @@ An example {instruction, input, output} (the Alpaca layout) becomes
 
 so the loss (cross-entropy over positions whose label is not -100) counts the answer and the end-of-text token that
 teaches the model to stop, never the prompt. Batches are padded on the right with the tokenizer's pad token and
-labels -100; right padding needs no attention mask in a causal model, since real tokens never look to their right.
+labels -100; right padding needs no attention mask in a causal model, since real tokens never look to their right,
+and lets a batch be computed in passes over rows of similar length, each cut after its longest row (summed_loss).
 
 Evaluation: the answer-token loss on held-out examples, and exact-match accuracy of greedy answers (decoded together
 by the generation engine, minigpt.engine).
@@ -26,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import checkpoint, engine, tasks
+from .data import labelled_lengths, length_groups
 from .device import select_device
 from .files import read_jsonl
 from .options import option
@@ -98,6 +101,21 @@ def generate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int
     return [tokenizer.decode(r) for r in responses]
 
 
+def summed_loss(model, x, y):
+    """(summed cross-entropy, number of labels) over the labelled positions (y != -100) of a right-padded batch x,
+    y (B, T): the loss of model(x, y) times the count, in passes over rows of similar length, each cut after its
+    longest row (data.length_groups), so that less padding is computed."""
+    lengths = labelled_lengths(y)  # (B,)
+    groups = length_groups(lengths)
+    total = 0.0
+    for rows in groups:
+        T = y.size(1) if len(groups) == 1 else int(lengths[rows].max())
+        logits, _ = model(x[rows, :T])  # (rows, T, vocab)
+        total = total + F.cross_entropy(logits.flatten(0, 1).float(), y[rows, :T].flatten(), ignore_index=-100,
+                                        reduction="sum")
+    return total, (y != -100).sum()
+
+
 @torch.no_grad()
 def answer_loss(model, encoded, pad_token_id: int, batch_size: int = 64) -> float:
     """Mean cross-entropy over the answer tokens (and eos) of the encoded examples, in nats per token."""
@@ -106,11 +124,8 @@ def answer_loss(model, encoded, pad_token_id: int, batch_size: int = 64) -> floa
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         x, y = collate(encoded[start : start + batch_size], pad_token_id)
-        logits, _ = model(x.to(device))
-        y = y.to(device)
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
-                                                   reduction="sum").item()
-        count += int((y != -100).sum())
+        summed, n = summed_loss(model, x.to(device), y.to(device))
+        total, count = total + summed.item(), count + int(n)
     return total / max(count, 1)
 
 
@@ -175,8 +190,9 @@ def finetune(model, tokenizer, train_examples, test_examples, config=None, cfg: 
     def get_batch(generator):
         return random_batch(train_set, cfg.batch_size, pad, generator)
 
-    def loss_fn(m, batch):
-        return m(batch[0], batch[1])[1]
+    def loss_fn(m, batch):  # the mean over the batch's answer tokens, as m(x, y) computes it
+        summed, n = summed_loss(m, *batch)
+        return summed / n
 
     def evaluation(m):
         metrics = evaluate(m, tokenizer, test_examples, test_set)

@@ -51,6 +51,7 @@ from torch import nn
 
 import peft
 from minigpt import GPT, checkpoint, engine, tasks
+from minigpt.data import length_groups
 from minigpt.files import write_json
 from minigpt.model import disable_dropout
 from minigpt.options import HelpFormatter, add_options, from_args, option, parse, run
@@ -147,9 +148,24 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0
 # Scoring pairs
 
 
+def pair_rewards(rm, batch: dict):
+    """Rewards (2B,) of a collate_pairs batch, the same as rm(idx, attention_mask), in forward passes over rows of
+    similar length, each cut after its longest row (minigpt.data.length_groups): the rows are right-padded."""
+    idx, mask = batch["idx"], batch["attention_mask"]  # (2B, T) each
+    lengths = mask.sum(-1)  # (2B,): the real tokens of a row come first
+    groups = length_groups(lengths)
+    if len(groups) == 1:
+        return rm(idx, mask)
+    parts = []
+    for rows in groups:
+        T = int(lengths[rows].max())
+        parts.append(rm(idx[rows, :T], mask[rows, :T]))  # (rows,)
+    return torch.cat(parts)[torch.argsort(torch.cat(groups))]  # back in the batch's order
+
+
 def pair_loss(rm, batch: dict, center_coef: float = 0.0):
-    """(loss, accuracy) of a collate_pairs batch: both halves scored in one forward pass."""
-    rewards = rm(batch["idx"], batch["attention_mask"]).float()  # (2B,)
+    """(loss, accuracy) of a collate_pairs batch: both halves scored together (pair_rewards)."""
+    rewards = pair_rewards(rm, batch).float()  # (2B,)
     B = batch["margin"].size(0)
     return bradley_terry_loss(rewards[:B], rewards[B:], batch["margin"], center_coef)
 
@@ -162,7 +178,7 @@ def score_pairs(rm, encoded, pad_token_id: int, batch_size: int = 64):
     chosen, rejected, margins = [], [], []
     for start in range(0, len(encoded), batch_size):
         batch = collate_pairs(encoded[start : start + batch_size], pad_token_id)
-        rewards = rm(batch["idx"].to(device), batch["attention_mask"].to(device)).float().cpu()  # (2B,)
+        rewards = pair_rewards(rm, {k: v.to(device) for k, v in batch.items()}).float().cpu()  # (2B,)
         B = batch["margin"].size(0)
         chosen.append(rewards[:B])
         rejected.append(rewards[B:])

@@ -9,6 +9,7 @@ import torch
 from conftest import save_folder, tiny_gpt
 from test_ppo import EOS, PAD, TOK, prompts
 
+from minigpt.data import labelled_lengths, length_groups
 from rlhf.dpo import collate, dpo_loss, encode_pair, on_policy_pairs, reference_logprobs, sequence_logprobs
 from rlhf.policy import make_reference
 from rlhf.reward_model import bradley_terry_loss
@@ -34,8 +35,15 @@ def test_the_loss_is_ln2_when_the_policy_is_the_reference_and_bradley_terry_on_t
 def test_summed_logprobs_of_a_padded_batch_equal_each_response_alone_with_the_prompt_masked():
     model = tiny_gpt(8).eval()
     pairs = [([1, 2, 3], [4, EOS], [5, 5, 5, EOS]), ([2], [3, 3, 3, 3, EOS], [EOS]), ([4, 4], [1, EOS], [0, EOS])]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(9):  # 24 rows of 2 to 30 tokens: the batch goes through the model in groups of similar length
+        p, c, r = (torch.randint(0, 6, (int(torch.randint(1, n, (1,), generator=g)),), generator=g).tolist()
+                   for n in (16, 14, 14))
+        pairs.append((p, c + [EOS], r + [EOS]))
+    n = len(pairs)
     encoded = [encode_pair(p, c, r, 64, i) for i, (p, c, r) in enumerate(pairs)]
     b = collate(encoded, PAD)
+    assert len(length_groups(labelled_lengths(b["labels"]))) >= 2
     with torch.no_grad():
         got = sequence_logprobs(model, b["idx"], b["labels"])
         for k, (p, c, r) in enumerate(pairs):
@@ -43,7 +51,7 @@ def test_summed_logprobs_of_a_padded_batch_equal_each_response_alone_with_the_pr
                 seq = torch.tensor([p + resp])
                 logp = torch.log_softmax(model(seq)[0][0], -1)
                 expected = sum(logp[len(p) - 1 + t, tok] for t, tok in enumerate(resp))  # response tokens only
-                assert got[j * 3 + k].item() == pytest.approx(expected.item(), abs=1e-4)
+                assert got[j * n + k].item() == pytest.approx(expected.item(), abs=1e-4)
 
 
 def test_a_prompt_too_long_is_cut_from_the_left_and_a_response_too_long_is_refused():

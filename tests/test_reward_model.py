@@ -13,6 +13,7 @@ import peft
 import rlhf.reward_model
 from minigpt import GPT, CharTokenizer, engine, preset, tasks
 from minigpt.checkpoint import save_checkpoint
+from minigpt.data import length_groups
 from minigpt.train import TrainConfig
 from rlhf.preferences import collate_pairs, encode_pairs, encode_response, read_pairs
 from rlhf.reward_model import (
@@ -22,7 +23,9 @@ from rlhf.reward_model import (
     main,
     make_reward_model,
     normalize,
+    pair_loss,
     pair_metrics,
+    pair_rewards,
     reference_batches,
     save_reward_model,
     score_pairs,
@@ -153,6 +156,26 @@ def test_a_mixed_batch_scores_each_row_as_alone(tok):
         together = rm(batch["idx"], batch["attention_mask"])
         alone = torch.cat([rm(torch.tensor([r])) for r in rows])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_pairs_scored_in_passes_by_length_equal_each_row_alone_and_train_alike(tok, pairs):
+    rm = tiny_rm(tok, block_size=128)
+    encoded = encode_pairs(tok, pairs[0][:24], rm.block_size)
+    batch = collate_pairs(encoded, tok.pad_token_id)  # 48 rows: several passes
+    lengths = batch["attention_mask"].sum(1)
+    assert len(length_groups(lengths)) >= 2 and lengths.min() < lengths.max() - 10
+    rewards = pair_rewards(rm, batch)
+    rows = [c for c, _, _ in encoded] + [r for _, r, _ in encoded]
+    with torch.no_grad():
+        alone = torch.cat([rm(torch.tensor([row])) for row in rows])
+    assert torch.allclose(rewards, alone, atol=1e-5)  # each reward at its own row, in the batch's order
+    params = [p for p in rm.parameters() if p.requires_grad]
+    loss, _ = pair_loss(rm, batch)
+    one_pass = rm(batch["idx"], batch["attention_mask"])  # (2B,), one forward pass over the padded batch
+    loss1, _ = bradley_terry_loss(one_pass[:24], one_pass[24:], batch["margin"])
+    assert loss.item() == pytest.approx(loss1.item(), abs=1e-6)
+    for g, g1 in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss1, params)):
+        assert torch.allclose(g, g1, atol=1e-6, rtol=1e-4)
 
 
 def test_swapping_chosen_and_rejected_gives_one_minus_p(tok):

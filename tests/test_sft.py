@@ -9,6 +9,7 @@ import torch
 import peft
 from minigpt import GPT, checkpoint, preset, sft, tasks
 from minigpt.corpus import build_corpus
+from minigpt.data import length_groups
 from minigpt.sft import finetune, method_config
 from minigpt.train import TrainConfig
 
@@ -52,6 +53,42 @@ def test_loss_counts_only_answer_tokens(tok, data):
     # padding: inputs padded with the pad token on the right, labels -100 there
     n0 = len(encoded[0][0]) - 1
     assert (x[0, n0:] == tok.pad_token_id).all() and (y[0, n0:] == -100).all()
+
+
+def test_length_groups_partition_the_rows_shortest_first():
+    lengths = torch.tensor([9, 3, 7, 3, 12, 1, 5, 8, 2, 6])
+    groups = length_groups(lengths, rows_per_pass=3)
+    assert len(groups) == 3  # round(10 / 3)
+    assert sorted(torch.cat(groups).tolist()) == list(range(10))  # every row exactly once
+    in_order = torch.cat([lengths[g] for g in groups]).tolist()
+    assert in_order == sorted(lengths.tolist())
+    assert len(length_groups(lengths, rows_per_pass=20)) == 1
+
+
+@pytest.mark.parametrize("method", ["full", "prompt_tuning"])
+def test_a_batch_in_passes_by_length_has_the_loss_and_gradient_of_one_pass(tok, data, method):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128))
+    if method == "prompt_tuning":
+        peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=3))
+    encoded = sft.encode_dataset(tok, data[0][:40], 120)
+    x, y = sft.collate(encoded, tok.pad_token_id)
+    lengths = torch.tensor([len(tokens) - 1 for tokens, _ in encoded])
+    assert len(length_groups(lengths)) >= 2 and lengths.min() < x.size(1) - 10  # several passes, some far shorter
+    summed, n = sft.summed_loss(model, x, y)
+    grads = torch.autograd.grad(summed / n, [p for p in model.parameters() if p.requires_grad])
+    # independently: each example alone, unpadded, -log p summed over its labelled positions
+    with torch.no_grad():
+        nll, count = 0.0, 0
+        for tokens, labels in encoded:
+            logp = torch.log_softmax(model(torch.tensor([tokens[:-1]]))[0][0], -1)
+            for t in range(len(tokens) - 1):
+                if labels[t + 1] != -100:
+                    nll, count = nll - logp[t, tokens[t + 1]].item(), count + 1
+    assert int(n) == count and summed.item() == pytest.approx(nll, rel=1e-5)
+    _, one_pass = model(x, y)  # the padded batch in one pass
+    for g, g1 in zip(grads, torch.autograd.grad(one_pass, [p for p in model.parameters() if p.requires_grad])):
+        assert torch.allclose(g, g1, atol=1e-6, rtol=1e-4)
 
 
 def test_too_long_example_is_refused_with_its_index(tok):
