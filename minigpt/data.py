@@ -162,6 +162,17 @@ def length_groups(lengths: torch.Tensor, rows_per_pass: int = ROWS_PER_PASS) -> 
     return list(torch.argsort(lengths, stable=True).chunk(n_groups))
 
 
+def by_length(fn, lengths: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn's per-row results (B, ...) on right-padded tensors (B, T, ...) whose rows have these lengths (B,), with fn
+    called once per length group on the group's rows cut after its longest row, and the rows put back in the
+    batch's order: the same as fn(*tensors) with less padding computed."""
+    groups = length_groups(lengths)
+    if len(groups) == 1:
+        return fn(*tensors)
+    parts = [fn(*(t[rows, : int(lengths[rows].max())] for t in tensors)) for rows in groups]
+    return torch.cat(parts)[torch.argsort(torch.cat(groups))]
+
+
 def labelled_lengths(labels: torch.Tensor) -> torch.Tensor:
     """(B,) one past the last position of each row of labels (B, T) whose label is not -100: the columns a
     right-padded row needs."""

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, engine, tasks
-from .data import labelled_lengths, length_groups
+from .data import by_length, labelled_lengths
 from .device import select_device
 from .files import read_jsonl
 from .options import option
@@ -104,16 +104,14 @@ def generate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int
 def summed_loss(model, x, y):
     """(summed cross-entropy, number of labels) over the labelled positions (y != -100) of a right-padded batch x,
     y (B, T): the loss of model(x, y) times the count, in passes over rows of similar length, each cut after its
-    longest row (data.length_groups), so that less padding is computed."""
-    lengths = labelled_lengths(y)  # (B,)
-    groups = length_groups(lengths)
-    total = 0.0
-    for rows in groups:
-        T = y.size(1) if len(groups) == 1 else int(lengths[rows].max())
-        logits, _ = model(x[rows, :T])  # (rows, T, vocab)
-        total = total + F.cross_entropy(logits.flatten(0, 1).float(), y[rows, :T].flatten(), ignore_index=-100,
-                                        reduction="sum")
-    return total, (y != -100).sum()
+    longest row (data.by_length), so that less padding is computed."""
+
+    def row_losses(x, y):  # (rows,)
+        logits, _ = model(x)  # (rows, T, vocab)
+        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="none")
+        return token_losses.view(y.shape).sum(-1)
+
+    return by_length(row_losses, labelled_lengths(y), x, y).sum(), (y != -100).sum()
 
 
 @torch.no_grad()

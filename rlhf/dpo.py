@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import checkpoint, engine, tasks
-from minigpt.data import labelled_lengths, length_groups
+from minigpt.data import by_length, labelled_lengths
 from minigpt.files import write_json
 from minigpt.options import HelpFormatter, add_options, from_args, option, parse
 from minigpt.options import run as run_cli
@@ -84,17 +84,14 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
 def sequence_logprobs(model, idx, labels):
     """Sum over each row of log p(label_t | tokens before it) where label_t != -100: (B,). idx, labels (B, T):
     labels are the next tokens (-100 on the prompt and on padding). The rows are right-padded, so they go through
-    the model in groups of similar length, each cut after its longest row (minigpt.data.length_groups)."""
-    lengths = labelled_lengths(labels)  # (B,)
-    groups = length_groups(lengths)
-    parts = []
-    for rows in groups:
-        T = idx.size(1) if len(groups) == 1 else int(lengths[rows].max())
-        logits, _ = model(idx[rows, :T])  # (rows, T, vocab)
-        lab = labels[rows, :T]
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, lab.clamp(min=0)[..., None]).squeeze(-1)  # (rows, T)
-        parts.append((logp * (lab != -100)).sum(-1))
-    return parts[0] if len(groups) == 1 else torch.cat(parts)[torch.argsort(torch.cat(groups))]
+    the model in groups of similar length, each cut after its longest row (minigpt.data.by_length)."""
+
+    def row_logprobs(idx, labels):  # (rows,)
+        logits, _ = model(idx)  # (rows, T, vocab)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return (logp * (labels != -100)).sum(-1)
+
+    return by_length(row_logprobs, labelled_lengths(labels), idx, labels)
 
 
 # -- the data: pairs of token ids ------------------------------------------------------------------------------

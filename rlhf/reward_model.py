@@ -51,7 +51,7 @@ from torch import nn
 
 import peft
 from minigpt import GPT, checkpoint, engine, tasks
-from minigpt.data import length_groups
+from minigpt.data import by_length
 from minigpt.files import write_json
 from minigpt.model import disable_dropout
 from minigpt.options import HelpFormatter, add_options, from_args, option, parse, run
@@ -150,17 +150,9 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0
 
 def pair_rewards(rm, batch: dict):
     """Rewards (2B,) of a collate_pairs batch, the same as rm(idx, attention_mask), in forward passes over rows of
-    similar length, each cut after its longest row (minigpt.data.length_groups): the rows are right-padded."""
-    idx, mask = batch["idx"], batch["attention_mask"]  # (2B, T) each
-    lengths = mask.sum(-1)  # (2B,): the real tokens of a row come first
-    groups = length_groups(lengths)
-    if len(groups) == 1:
-        return rm(idx, mask)
-    parts = []
-    for rows in groups:
-        T = int(lengths[rows].max())
-        parts.append(rm(idx[rows, :T], mask[rows, :T]))  # (rows,)
-    return torch.cat(parts)[torch.argsort(torch.cat(groups))]  # back in the batch's order
+    similar length, each cut after its longest row (minigpt.data.by_length): the rows are right-padded."""
+    mask = batch["attention_mask"]  # (2B, T): the real tokens of a row come first
+    return by_length(rm, mask.sum(-1), batch["idx"], mask)
 
 
 def pair_loss(rm, batch: dict, center_coef: float = 0.0):
