@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 LAYOUTS = ("pre_ln", "post_ln")
+ACTIVATIONS = ("gelu_tanh", "gelu")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class GPTConfig:
     bias: bool = True  # biases in the Linear layers and LayerNorms, as GPT-2
     layout: str = "pre_ln"  # "pre_ln": GPT-2, LN before each sub-layer; "post_ln": LN after each residual sum (BERT)
     layer_norm_eps: float = 1e-5
+    # the MLP's GELU (Hendrycks and Gimpel 2016): "gelu_tanh" is GPT-2's tanh approximation (Hugging Face's "gelu_new"),
+    # "gelu" the exact x Phi(x) with the error function, as nanoGPT uses; the two differ by less than 1e-3
+    activation: str = "gelu_tanh"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -39,6 +43,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"GPTConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
 

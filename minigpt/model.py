@@ -105,12 +105,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """FFN(x) = W_2 GELU(W_1 x + b_1) + b_2 with a 4x wider inner layer and GPT-2's tanh-approximated GELU."""
+    """FFN(x) = W_2 GELU(W_1 x + b_1) + b_2 with a 4x wider inner layer. GELU(z) = z Phi(z) (Hendrycks and Gimpel
+    2016): GPT-2's tanh approximation 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) when config.activation is
+    "gelu_tanh", the exact 0.5 z (1 + erf(z / sqrt 2)) when it is "gelu" (cheaper on CPUs, see the README)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
 

@@ -31,6 +31,8 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers i
 # config.json settings that change GPT-2's computation in ways this model does not implement: (key, GPT-2's value)
 _UNSUPPORTED = (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
                 ("reorder_and_upcast_attn", False), ("add_cross_attention", False))
+# config.json's activation_function -> GPTConfig.activation (transformers' names for GPT-2's tanh GELU and the exact one)
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 def is_gpt2_folder(path) -> bool:
@@ -51,9 +53,10 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
     """Our GPTConfig for a GPT-2 config.json; settings this model does not compute are refused, by name."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"config.json is for model_type {hf['model_type']!r}; only GPT-2 folders are read")
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"config.json activation_function {activation!r}: only GPT-2's tanh GELU is supported")
+    activation = HF_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
+    if activation is None:
+        raise ValueError(f"config.json activation_function {hf['activation_function']!r}: only GELU is supported "
+                         f"(one of {sorted(HF_ACTIVATIONS)})")
     for key, gpt2_value in _UNSUPPORTED:
         if hf.get(key, gpt2_value) != gpt2_value:
             raise ValueError(f"config.json sets {key}={hf[key]!r}; this GPT computes GPT-2's attention "
@@ -68,6 +71,7 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
         n_head=hf["n_head"],
         n_embd=hf["n_embd"],
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation=activation,
         dropout=0.0,
     )
     return GPTConfig(**{**values, **overrides})
@@ -137,7 +141,8 @@ def hf_config(config: GPTConfig, eos_token_id: int | None = None) -> dict:
     eos = config.vocab_size - 1 if eos_token_id is None else eos_token_id
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
             "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
-            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+            "activation_function": "gelu_new" if config.activation == "gelu_tanh" else "gelu",
             "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
             "layer_norm_epsilon": config.layer_norm_eps, "initializer_range": 0.02, "scale_attn_weights": True,
             "use_cache": True, "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": True}

@@ -398,11 +398,13 @@ class PretrainConfig:
     dropout: float = option(0.0, "dropout probability")
     layout: str = option("pre_ln", "pre_ln (GPT-2) or post_ln (BERT)", choices=["pre_ln", "post_ln"])
     bias: bool = option(True, "biases in the Linear layers and LayerNorms (GPT-2 has them; nanoGPT leaves them out)")
+    activation: str = option("gelu", "the MLP's GELU: gelu (exact, with erf, as nanoGPT; cheaper on CPUs) or gelu_tanh "
+                             "(GPT-2's tanh approximation)", choices=["gelu", "gelu_tanh"])
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         sizes = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k)}
         return preset(self.preset, vocab_size=vocab_size, dropout=self.dropout, layout=self.layout, bias=self.bias,
-                      **sizes)
+                      activation=self.activation, **sizes)
 
 
 def load_documents(pcfg: PretrainConfig) -> tuple[list[str], str]:
@@ -436,10 +438,17 @@ def check_resume(state: dict, pcfg: PretrainConfig, data, out_dir) -> None:
     if state["tokenizer"] != data.tokenizer.to_dict():
         raise ValueError(f"--resume: the tokenizer ({data.tokenizer.name}) is not the one the run in {out_dir} used")
     shape = pcfg.model_config(data.tokenizer.vocab_size).to_dict()
-    differ = {k: (shape[k], v) for k, v in state["model_config"].items() if shape.get(k) != v}
+    run_shape = GPTConfig.from_dict(state["model_config"]).to_dict()  # fields a run saved before they existed: defaults
+    differ = {k: (shape[k], v) for k, v in run_shape.items() if shape.get(k) != v}
     if differ:
         raise ValueError(f"--resume: the model options differ from the run's (given, run): {differ}; a resumed run "
                          f"keeps its shape")
+
+
+# tokens per evaluation pass: on a CPU, passes whose activations stay in the caches are the fastest (the README has
+# the measurements); a GPU wants large ones
+EVAL_TOKENS_CPU = 2048
+EVAL_TOKENS_GPU = 8192
 
 
 def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
@@ -471,16 +480,18 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
     def loss_fn(m, batch):
         return m(batch[0], batch[1])[1]
 
-    # the same windows every evaluation, in fewer, larger forward passes (no gradients to keep): up to 8k tokens and
-    # 2^24 logits (64 MiB) a pass, at least a training batch; the mean over the windows is what it was in batches
-    eval_batch = max(cfg.batch_size, min(8192, 2**24 // tokenizer.vocab_size) // T)
+    # the same windows every evaluation, in forward passes of EVAL_TOKENS tokens (no gradients to keep; at least a
+    # training batch, at most 2^24 logits, 64 MiB): the mean over the windows is what it was in batches
+    def eval_batch(device):
+        tokens = EVAL_TOKENS_CPU if device.type == "cpu" else EVAL_TOKENS_GPU
+        return max(cfg.batch_size, min(tokens, 2**24 // tokenizer.vocab_size) // T)
 
     @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad)
     def evaluate(m):
         m.eval()
         device = next(m.parameters()).device
         losses = [m(x.to(device), y.to(device))[1] * len(x)  # a batch's mean, weighted by its windows
-                  for x, y in window_batches(data.val, val_offsets, eval_batch, T)]
+                  for x, y in window_batches(data.val, val_offsets, eval_batch(device), T)]
         return {"val_loss": torch.stack(losses).cpu().double().sum().item() / len(val_offsets)}  # one sync in all
 
     if procs.is_main:

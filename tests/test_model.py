@@ -80,6 +80,19 @@ def test_block_equals_its_equations(layout):
         assert torch.allclose(block(x), expected, atol=1e-5)
 
 
+def test_exact_gelu_mlp_equals_the_erf_formula_and_differs_from_the_tanh_one():
+    """activation="gelu": GELU(z) = z Phi(z) = 0.5 z (1 + erf(z / sqrt 2)); the default stays GPT-2's tanh form."""
+    exact, approx = tiny(activation="gelu").encoder.blocks[0].mlp, tiny().encoder.blocks[0].mlp
+    x = 3 * torch.randn(4, 6, 32)
+    with torch.no_grad():
+        z = linear(x, exact.fc)
+        expected = linear(0.5 * z * (1 + torch.erf(z / math.sqrt(2))), exact.proj)
+        tanh_form = linear(gelu_tanh(z), exact.proj)
+        assert torch.allclose(exact(x), expected, atol=1e-6)
+        assert (expected - tanh_form).abs().max() > 1e-5  # so the check above tells the two apart
+        assert torch.allclose(approx(x), mlp_by_hand(x, approx), atol=1e-6)
+
+
 def test_whole_model_equals_the_three_parts_by_hand():
     model = tiny()
     idx = torch.randint(0, V, (2, 11))
@@ -231,6 +244,7 @@ def test_loss_at_init_is_ln_vocab_and_one_batch_can_be_overfit():
         (dict(dropout=1.0), "dropout"),
         (dict(dropout=-0.1), "dropout"),
         (dict(layout="sandwich"), "layout"),
+        (dict(activation="relu"), "activation"),
     ],
 )
 def test_invalid_config_names_the_field(changes, field):

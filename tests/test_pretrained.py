@@ -71,6 +71,20 @@ def gpt2_forward_by_hand(sd, idx):
     return ln(x, "transformer.ln_f") @ sd["transformer.wte.weight"].T
 
 
+@pytest.mark.parametrize("hf_name, ours", [("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"),
+                                            ("gelu", "gelu")])
+def test_activation_names_map_both_ways(hf_name, ours):
+    from minigpt.pretrained import config_from_hf, hf_config
+
+    config = config_from_hf(dict(vocab_size=V, n_positions=N, n_embd=C, n_layer=L, n_head=H,
+                                 activation_function=hf_name))
+    assert config.activation == ours
+    written = hf_config(config)["activation_function"]
+    assert written == ("gelu_new" if ours == "gelu_tanh" else "gelu")
+    with pytest.raises(ValueError, match="relu"):
+        config_from_hf(dict(vocab_size=V, n_positions=N, n_embd=C, n_layer=L, n_head=H, activation_function="relu"))
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_from_pretrained_reproduces_the_source_weights_and_forward(tmp_path, fmt):
     sd = hf_state_dict()

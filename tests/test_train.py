@@ -1,5 +1,6 @@
 """The training loop: schedule, optimizer groups, accumulation, checkpoints, resume, NaN, data on disk, DDP."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import minigpt.train as train_mod
-from minigpt import GPT, checkpoint, preset
+from minigpt import GPT, GPTConfig, checkpoint, preset
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.data import fixed_windows, prepare, random_batch
 from minigpt.train import TrainConfig, lr_at, param_groups, train
@@ -240,6 +241,27 @@ def test_cli_no_bias_builds_a_model_without_biases(tmp_path):
     assert not [k for k in ckpt["model"] if k.endswith(".bias")]
 
 
+def test_pretraining_uses_the_exact_gelu_and_a_run_from_before_the_option_resumes_only_as_it_was(tmp_path):
+    """New runs get the exact GELU; a run saved before GPTConfig.activation existed trained with GPT-2's tanh form,
+    and resuming it with the new default is refused by name rather than switched silently."""
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "run"
+    args = ["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny", "--max-iters", "2",
+            "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2", "--out-dir", str(out), "--no-progress",
+            "--no-plot"]
+    train_mod.main(args)
+    state = load_checkpoint(out / "ckpt.pt")
+    assert state["model_config"]["activation"] == "gelu"
+    assert checkpoint.load(out).model.encoder.blocks[0].mlp.act.approximate == "none"
+    old = {k: v for k, v in state["model_config"].items() if k != "activation"}  # as an older version saved it
+    pcfg = train_mod.PretrainConfig(data=[str(tmp_path / "text.txt")], tokenizer="char", preset="tiny")
+    data = prepare([TEXT], out / "data", "char")
+    with pytest.raises(ValueError, match="activation.*gelu_tanh"):
+        train_mod.check_resume({**state, "model_config": old}, pcfg, data, out)
+    train_mod.check_resume({**state, "model_config": old}, dataclasses.replace(pcfg, activation="gelu_tanh"), data,
+                           out)
+
+
 # -- the optimizer, torch.compile and the evaluation ---------------------------------------------------------
 
 
@@ -280,10 +302,10 @@ def test_pretraining_evaluates_the_mean_loss_over_the_fixed_windows(tmp_path):
     out = tmp_path / "run"
     train_mod.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny",
                     "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "100", "--batch-size", "4",
-                    "--out-dir", str(out), "--no-progress", "--no-plot"])  # 400 windows: forward passes of 256, 144
+                    "--out-dir", str(out), "--no-progress", "--no-plot"])  # 400 windows: 6 passes of 64, then 16
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
     ckpt = load_checkpoint(out / "ckpt.pt")  # the model the evaluation saw, after the one step
-    model = GPT(preset("tiny", vocab_size=ckpt["model_config"]["vocab_size"]))
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     data = prepare([TEXT], out / "data", "char")
     T = model.config.block_size
