@@ -285,7 +285,7 @@ def profile_shape(name: str, shape: dict, batch: int, steps: int, vocab: int = 6
     from minigpt.train import TrainConfig, _generator, configure_optimizer, param_groups
 
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=vocab, bias=False, **shape)
+    config = GPTConfig(vocab_size=vocab, bias=False, activation="gelu", **shape)  # as pretraining builds it
     model = GPT(config)
     T = config.block_size
     tokens = torch.randint(0, vocab, (200_000,), generator=torch.Generator().manual_seed(0)).numpy().astype("uint16")
@@ -409,6 +409,8 @@ def profile(args) -> None:
 
 def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, results_dir: Path,
                   together: bool = False) -> str:
+    from minigpt.train import EVAL_TOKENS_CPU
+
     lines = ["| run | flags | iterations | final val loss | wall time (s) | CPU time (s) | training time (s) | "
              "load at its end (1 / 5 min) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -420,8 +422,9 @@ def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, res
               f"torch threads: {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, which the "
               f"runs inherit); {os.cpu_count()} CPUs; load average before the runs {args_load()}. "
               "nanoGPT's validation loss is its own estimate (200 random batches), minigpt's the mean over the same "
-              "2400 fixed windows of 64 characters in every run (the trainer's runs: 32 windows a forward pass, "
-              "minigpt.train.EVAL_TOKENS_CPU tokens; the MLP's GELU is the exact one, as nanoGPT's). Wall time: from "
+              "2400 fixed windows of 64 characters in every run (the trainer's runs: "
+              f"{max(BABY['batch_size'], EVAL_TOKENS_CPU // BABY['block_size'])} windows a forward pass; the MLP's "
+              "GELU is the exact one, as nanoGPT's). Wall time: from "
               "the process's start to its end (imports, tokenising, evaluations, checkpoints and all); CPU time: "
               "user + system seconds of that process (os.wait4; the same work whatever else runs, with one thread); "
               f"{'the runs of a round ran at the same time (--together); ' if together else ''}training "

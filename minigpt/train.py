@@ -441,8 +441,8 @@ def check_resume(state: dict, pcfg: PretrainConfig, data, out_dir) -> None:
     run_shape = GPTConfig.from_dict(state["model_config"]).to_dict()  # fields a run saved before they existed: defaults
     differ = {k: (shape[k], v) for k, v in run_shape.items() if shape.get(k) != v}
     if differ:
-        raise ValueError(f"--resume: the model options differ from the run's (given, run): {differ}; a resumed run "
-                         f"keeps its shape")
+        raise ValueError(f"--resume: the model options differ from the run's (now, run): {differ}; a resumed run "
+                         f"keeps its model (a run saved before --activation existed has activation gelu_tanh)")
 
 
 # tokens per evaluation pass: on a CPU, passes whose activations stay in the caches are the fastest (the README has
@@ -535,9 +535,12 @@ def recorded_settings(parser, args) -> PretrainConfig:
     """With --resume: the data and model options the run recorded, refusing a flag given now that differs."""
     from .checkpoint import load_resume_checkpoint
 
-    recorded = load_resume_checkpoint(args.out_dir).get("settings", {}).get("pretrain")
+    state = load_resume_checkpoint(args.out_dir)
+    recorded = state.get("settings", {}).get("pretrain")
     if recorded is None:
         return from_args(PretrainConfig, args)
+    # a run recorded before --activation existed was built with GPT-2's tanh GELU, the GPTConfig default it loads with
+    recorded = {"activation": GPTConfig.from_dict(state["model_config"]).activation, **recorded}
     names = [f.name for f in dataclasses.fields(PretrainConfig)]
     given = {n: getattr(args, n) for n in names if n in args.given}
     differ = {n: (v, recorded[n]) for n, v in given.items() if v != recorded[n]}
