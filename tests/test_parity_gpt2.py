@@ -159,7 +159,8 @@ def test_cached_decoding_logits_match(case, padded):
     assert max_diff(torch.stack(steps, dim=1), case["ref"]["pad_gen_logits" if padded else "gen_logits"]) <= 1e-5
 
 
-def test_a_model_saved_with_save_gpt2_opens_in_transformers_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])  # config.json's gelu_new and gelu
+def test_a_model_saved_with_save_gpt2_opens_in_transformers_with_the_same_logits(tmp_path, activation):
     """The other direction: a minigpt GPT of GPT-2's shape (every weight, bias and LayerNorm random) written by
     minigpt.pretrained.save_gpt2 is a folder GPT2LMHeadModel.from_pretrained loads cleanly (ref_io.load_gpt2 in
     tests/reference checks the load report and the tied head) and runs with our logits."""
@@ -168,7 +169,7 @@ def test_a_model_saved_with_save_gpt2_opens_in_transformers_with_the_same_logits
 
     skip_without_reference()
     torch.manual_seed(5)
-    model = GPT(GPTConfig(vocab_size=V, block_size=N, n_layer=L, n_head=H, n_embd=C)).eval()
+    model = GPT(GPTConfig(vocab_size=V, block_size=N, n_layer=L, n_head=H, n_embd=C, activation=activation)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
