@@ -222,8 +222,8 @@ def run_same_init_pair(data: str, out: Path, config: dict, iters: int, seed: int
         def evaluate(m, loss_fn=loss_fn, cfg=cfg, val_offsets=val_offsets):
             m.eval()
             batches = window_batches(tokens.val, val_offsets, cfg.batch_size, T)
-            values = [loss_fn(m, b).item() for b in batches]
-            return {"val_loss": sum(values) / len(values)}
+            values = [loss_fn(m, b).item() * len(b[0]) for b in batches]  # a batch's mean, weighted by its windows
+            return {"val_loss": sum(values) / len(val_offsets)}
 
         shutil.rmtree(cfg.out_dir, ignore_errors=True)  # a fresh run each time
         t0 = time.perf_counter()
@@ -407,9 +407,21 @@ def profile(args) -> None:
 # Report
 
 
+def eval_windows(data: str, config: dict) -> int:
+    """The validation windows minigpt's trainer evaluates for config (at most those that fit without overlap)."""
+    from minigpt.data import fixed_windows, prepare, read_texts
+
+    with tempfile.TemporaryDirectory() as d:
+        val = prepare(read_texts([data]), Path(d), "char", source=data).val
+    return len(fixed_windows(val, config["eval_iters"] * config["batch_size"], config["block_size"]))
+
+
 def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, results_dir: Path,
-                  together: bool = False) -> str:
+                  together: bool = False, windows: int | None = None) -> str:
     from minigpt.train import EVAL_TOKENS_CPU
+
+    asked = BABY["eval_iters"] * BABY["batch_size"]
+    windows = windows or asked
 
     lines = ["| run | flags | iterations | final val loss | wall time (s) | CPU time (s) | training time (s) | "
              "load at its end (1 / 5 min) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -421,8 +433,12 @@ def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, res
     lines += ["", *ratio_lines, "",
               f"torch threads: {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, which the "
               f"runs inherit); {os.cpu_count()} CPUs; load average before the runs {args_load()}. "
-              "nanoGPT's validation loss is its own estimate (200 random batches), minigpt's the mean over the same "
-              "2400 fixed windows of 64 characters in every run (the trainer's runs: "
+              f"nanoGPT's validation loss is its own estimate ({BABY['eval_iters']} random batches of "
+              f"{BABY['batch_size']}), minigpt's the mean over the same {windows:,} fixed windows of "
+              f"{BABY['block_size']} characters in every run"
+              + (" (the split holds that many side by side; more would read the same characters again)"
+                 if windows < asked else "") +
+              " (the trainer's runs: "
               f"{max(BABY['batch_size'], EVAL_TOKENS_CPU // BABY['block_size'])} windows a forward pass; the MLP's "
               "GELU is the exact one, as nanoGPT's). Wall time: from "
               "the process's start to its end (imports, tokenising, evaluations, checkpoints and all); CPU time: "
@@ -510,7 +526,8 @@ def main():
     results = side_by_side(args, out)
     ratio_lines = side_by_side_ratios(results)
     results_dir = out if args.quick else Path(args.results_dir)  # a smoke check keeps the real results
-    write_outputs(results, ratio_lines, torch.get_num_threads(), results_dir, args.together)  # kept if stopped later
+    windows = eval_windows(args.data, BABY)
+    write_outputs(results, ratio_lines, torch.get_num_threads(), results_dir, args.together, windows)  # kept if stopped
     reference = reference_run(args, out, args.iters)
     if len(reference) == 2:
         ratio_lines.append(f"minigpt / transformers GPT-2 training time through the same loop: "
@@ -518,14 +535,14 @@ def main():
                            f" and {reference[1]['val_loss']:.4f})")
     results += reference
     # better defaults for less wall time: twice the batch, three times the learning rate, 60% of the iterations, and
-    # one evaluation at the end instead of eight on the way; 100 batches of 24 are the same 2400 validation windows
+    # one evaluation at the end instead of eight on the way; 100 batches of 24 ask for the same validation windows
     better = args.iters * 3 // 5
     if not args.no_better:
         results += [run_minigpt(f"better defaults, seed {s}", args.data, out,
                                 dict(BABY, max_iters=better, lr_decay_iters=better, lr=3e-3, min_lr=3e-4, batch_size=24,
                                      warmup_iters=50, eval_interval=better, eval_iters=100, seed=s))
                     for s in (args.seed, args.seed + 1)]
-    print(write_outputs(results, ratio_lines, torch.get_num_threads(), results_dir, args.together))
+    print(write_outputs(results, ratio_lines, torch.get_num_threads(), results_dir, args.together, windows))
     print(f"written to {results_dir}")
 
 

@@ -126,7 +126,14 @@ def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator
 
 
 def fixed_windows(tokens: np.ndarray, n_windows: int, block_size: int) -> list[int]:
-    """n_windows offsets spread evenly over the split: the same every evaluation, so losses compare."""
+    """n_windows offsets spread evenly over the split: the same every evaluation, so losses compare.
+
+    When n_windows windows of block_size would overlap, the split's non-overlapping windows 0, T, 2T, ... instead:
+    they read every target token once, and windows beyond them would only read the same tokens again (at other
+    positions in the context), a cost without a new token to measure the loss on."""
+    n_fit = (len(tokens) - 1) // block_size  # windows (and their shifted targets) that fit side by side
+    if n_windows >= n_fit:
+        return list(range(0, n_fit * block_size, block_size))
     last = len(tokens) - block_size - 1
     return np.linspace(0, last, n_windows).round().astype(np.int64).tolist()
 

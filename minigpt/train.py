@@ -56,7 +56,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     gradient_accumulation_steps: int = option(1, "micro-batches per iteration, over all processes together")
     eval_interval: int = option(250, "evaluate (and checkpoint) every this many iterations, and at the end")
-    eval_iters: int = option(20, "batches of the validation split per evaluation")
+    eval_iters: int = option(20, "batches of the validation split per evaluation (pretraining: at most the windows "
+                             "that fit in the split without overlap)")
     log_interval: int = option(10, "write a metrics row every this many iterations")
     out_dir: str = option("out/pretrain", "where checkpoints, metrics.jsonl and loss.png go")
     seed: int = option(1337, "seed of the initial weights and of every batch")
@@ -181,6 +182,7 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
     accum = micro_batches_per_process(cfg.gradient_accumulation_steps, procs)
     start, best_val, elapsed_before = 0, float("inf"), 0.0
     if resume is not None:
+        check_same_model(resume, meta, out_dir)
         raw_model.load_state_dict(resume["model"], strict=not cfg.save_trainable_only)
         optimizer.load_state_dict(resume["optimizer"])
         if scaler is not None and resume.get("scaler"):
@@ -281,6 +283,18 @@ def train(model, get_batch, loss_fn, cfg: TrainConfig, eval_fn=None, meta: dict 
     if procs.is_main and cfg.plot and rows:
         plot_losses(rows, out_dir / "loss.png")
     return rows
+
+
+def check_same_model(resume: dict, meta: dict | None, out_dir) -> None:
+    """Refuse a checkpoint of a model other than the one being trained, naming what differs: weights of the same
+    shapes load cleanly into a model with another GELU or layout (a base re-pretrained between two runs)."""
+    if not meta or "model_config" not in meta or "model_config" not in resume:
+        return
+    now, then = (GPTConfig.from_dict(c).to_dict() for c in (meta["model_config"], resume["model_config"]))
+    differ = {k: (v, then[k]) for k, v in now.items() if v != then[k]}
+    if differ:
+        raise ValueError(f"--resume: the checkpoint in {out_dir} is of another model than the one given now (now, "
+                         f"checkpoint): {differ}; resume from the model the run started from, or start afresh")
 
 
 def micro_batches_per_process(accumulation_steps: int, procs: Processes) -> int:
@@ -498,6 +512,10 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
         print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "
               f"tokenizer {tokenizer.name}")
         print(f"model: {model.num_parameters():,} parameters, {model_config}")
+        asked = cfg.eval_iters * cfg.batch_size
+        print(f"evaluation: {len(val_offsets):,} validation windows of {T} tokens" + (
+            f" (all that fit without overlap; --eval-iters x --batch-size asked for {asked:,})"
+            if len(val_offsets) < asked else ""))
     made_from = {"data": source, "tokenizer": pcfg.tokenizer, "data_fingerprint": data.fingerprint}
     settings = {"pretrain": dataclasses.asdict(pcfg), "train": dataclasses.asdict(cfg)}
     info = describe(model, "pretrain", made_from=made_from, settings=settings)

@@ -107,6 +107,17 @@ def test_resume_gives_the_same_loss_curve(tmp_path):
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]  # exactly, on CPU
 
 
+def test_resume_refuses_a_checkpoint_of_another_model_even_when_the_weights_fit(tmp_path):
+    _tiny_run(tmp_path, "run", max_iters=4)  # GPT-2's tanh GELU, the GPTConfig default
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    other = GPT(preset("tiny", vocab_size=40, dropout=0.1, activation="gelu"))  # the same shapes, the other GELU
+    cfg = TrainConfig(max_iters=8, batch_size=4, out_dir=str(tmp_path / "run"), progress=False, plot=False)
+    tokens = np.random.default_rng(0).integers(0, 40, 5000).astype(np.uint16)
+    with pytest.raises(ValueError, match=r"another model.*'activation': \('gelu', 'gelu_tanh'\)"):
+        train(other, lambda g: random_batch(tokens, 4, 32, g), lambda m, b: m(*b)[1], cfg,
+              meta={"model_config": other.config.to_dict()}, resume=ckpt)
+
+
 def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_path):
     model = GPT(preset("tiny", vocab_size=40))
     calls = {"n": 0}
@@ -182,6 +193,17 @@ def test_batches_are_shifted_windows_and_validation_windows_are_fixed():
     x, y = random_batch(tokens, 5, 8, torch.Generator().manual_seed(0))
     assert torch.equal(y, x + 1) and x.shape == (5, 8) and int(y.max()) <= 99
     assert fixed_windows(tokens, 3, 8) == [0, 46, 91]
+
+
+def test_validation_windows_that_would_overlap_become_the_splits_non_overlapping_windows():
+    tokens = np.arange(100, dtype=np.uint16)  # 99 targets: 12 windows of 8 fit side by side
+    offsets = fixed_windows(tokens, 20, 8)
+    assert offsets == [8 * i for i in range(12)]
+    targets = [t for i in offsets for t in range(i + 1, i + 9)]
+    assert len(targets) == len(set(targets)) == 96  # every target read once
+    assert fixed_windows(tokens, 12, 8) == offsets  # exactly as many as fit: the same windows
+    eleven = fixed_windows(tokens, 11, 8)
+    assert len(eleven) == 11 and min(b - a for a, b in zip(eleven, eleven[1:])) >= 8 and eleven[-1] == 91
 
 
 # -- the CLI end to end ---------------------------------------------------------------------------------------
