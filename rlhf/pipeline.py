@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minigpt import tasks
+from minigpt.checkpoint import load_resume_checkpoint
+from minigpt.config import GPTConfig
 from minigpt.files import read_text, write_json, write_jsonl, write_text
 from minigpt.options import HelpFormatter, run
 from minigpt.sft import DEFAULT_LR, SFTConfig, method_config, run_sft
@@ -86,6 +88,9 @@ def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
 def stage_pretrain(out: Path, s: Sizes, progress: bool, mode: dict) -> dict:
     pcfg = PretrainConfig(preset="baby", n_layer=s.n_layer, n_head=4, n_embd=s.n_embd, block_size=128,
                           corpus_chars=s.corpus_chars)
+    if mode["resume"]:  # an interrupted run continues with its own GELU (a run of an older version: the tanh one)
+        state = load_resume_checkpoint(out / "pretrain")
+        pcfg.activation = GPTConfig.from_dict(state["model_config"]).activation
     cfg = TrainConfig(out_dir=str(out / "pretrain"), batch_size=32, max_iters=s.pretrain_iters, lr=2e-3, min_lr=2e-4,
                       warmup_iters=50, eval_interval=max(s.pretrain_iters // 4, 1), eval_iters=10, progress=progress,
                       **mode)

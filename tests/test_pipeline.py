@@ -29,3 +29,20 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
     again = main(["--out-dir", str(out), "--no-progress"], sizes=TOY)
     assert capsys.readouterr().out.count("done earlier, skipping") == 4
     assert again["ppo"]["after"] == results["ppo"]["after"]
+
+
+def test_an_interrupted_pretraining_stage_continues_with_the_gelu_it_was_built_with(tmp_path, monkeypatch):
+    import dataclasses
+    import functools
+
+    from minigpt.checkpoint import load_checkpoint
+    from rlhf import pipeline
+
+    # a run of an older version: pretraining built GPT-2's tanh GELU; it stopped with a checkpoint at iteration 9
+    monkeypatch.setattr(pipeline, "PretrainConfig", functools.partial(pipeline.PretrainConfig, activation="gelu_tanh"))
+    pipeline.stage_pretrain(tmp_path, dataclasses.replace(TOY, pretrain_iters=10), False,
+                            {"resume": False, "overwrite": True})
+    monkeypatch.undo()
+    pipeline.run_stage(tmp_path, "pretrain", lambda mode: pipeline.stage_pretrain(tmp_path, TOY, False, mode))
+    ckpt = load_checkpoint(tmp_path / "pretrain" / "ckpt.pt")
+    assert ckpt["iter"] == TOY.pretrain_iters - 1 and ckpt["model_config"]["activation"] == "gelu_tanh"
