@@ -214,7 +214,10 @@ def _plain(model: nn.Module) -> nn.Module:
 
 # -- saving and loading adapters ---------------------------------------------------------------------------
 
-_BASE_SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "layout")
+# what an adapter depends on in its base: the shape, and the GELU (weights of the same shapes fit a base with the
+# other one); a file saved before activation was recorded was saved for GPT-2's tanh GELU, the GPTConfig default
+_BASE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "layout", "activation")
+_BASE_BEFORE_ACTIVATION = {"activation": "gelu_tanh"}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -232,7 +235,7 @@ def save_adapter(model: nn.Module, path) -> None:
     if config is None:
         raise ValueError("the model carries no PEFT method; nothing to save")
     tensors = {n: t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
-    base = {k: getattr(model.config, k) for k in _BASE_SHAPE}
+    base = {k: getattr(model.config, k) for k in _BASE_FIELDS}
     metadata = {"method": config.method, "config": json.dumps(dataclasses.asdict(config)), "base": json.dumps(base)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -245,16 +248,18 @@ def read_adapter_config(path):
         meta = f.metadata() or {}
     if "method" not in meta or meta["method"] not in CONFIGS:
         raise ValueError(f"{path} is not an adapter file written by peft.save_adapter")
-    return CONFIGS[meta["method"]](**json.loads(meta["config"])), json.loads(meta["base"])
+    saved_for = {**_BASE_BEFORE_ACTIVATION, **json.loads(meta["base"])}
+    return CONFIGS[meta["method"]](**json.loads(meta["config"])), saved_for
 
 
 def load_adapter(model: nn.Module, path, fp32_adapter: bool = False) -> nn.Module:
     """Apply the method saved in path to model (a plain GPT, or one already patched with the same config) and load
-    its tensors. A file saved for a base model of another shape is refused. fp32_adapter: as in get_peft_model."""
+    its tensors. A file saved for a base model of another shape or GELU is refused. fp32_adapter: as in
+    get_peft_model."""
     from safetensors.torch import load_file
 
     config, saved_for = read_adapter_config(path)
-    mine = {k: getattr(model.config, k) for k in _BASE_SHAPE}
+    mine = {k: getattr(model.config, k) for k in _BASE_FIELDS}
     if saved_for != mine:
         diff = {k: (saved_for[k], mine[k]) for k in saved_for if saved_for[k] != mine.get(k)}
         raise ValueError(f"{path} was saved for another base model; (saved, this model) differ in {diff}")

@@ -16,9 +16,10 @@ Here ``block.attn`` and ``block.mlp`` are wrapped, and the adapter acts on what 
     post_ln:  x = LN_1(x + adapter(attn(x)));   x = LN_2(x + adapter(mlp(x)))
 
 which is the paper's placement for either layout. The nonlinearity f is GELU by default, as in the authors' released
-code. Near-identity initialisation: W_down is drawn from a normal distribution with a small standard deviation
-``init_scale`` (1e-3, truncated at two standard deviations, as in the authors' code); W_up and both biases start at
-zero, so the adapter is exactly the identity at the start while W_up receives gradients at once.
+code, and in its form: BERT's tanh approximation (whichever GELU the base's MLP computes). Near-identity
+initialisation: W_down is drawn from a normal distribution with a small standard deviation ``init_scale`` (1e-3,
+truncated at two standard deviations, as in the authors' code); W_up and both biases start at zero, so the adapter
+is exactly the identity at the start while W_up receives gradients at once.
 
 The paper also trains the layer normalisation parameters (Figure 2: the trained layers are the adapters and the
 layer norms): ``train_layernorm=True`` does so, for every LayerNorm of the model (each block's ln_1 and ln_2, and the

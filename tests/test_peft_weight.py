@@ -485,6 +485,25 @@ def test_loading_an_adapter_saved_for_another_base_shape_is_refused(config, tmp_
         peft.load_adapter(tiny(n_embd=48), path)
 
 
+def test_an_adapter_is_refused_by_a_base_with_the_other_gelu_and_an_older_file_counts_as_tanh(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = peft.LoraConfig(r=2, alpha=4)
+    path = tmp_path / "adapter.safetensors"
+    peft.save_adapter(peft.get_peft_model(tiny(activation="gelu"), config), path)
+    with pytest.raises(ValueError, match="activation"):
+        peft.load_adapter(tiny(activation="gelu_tanh"), path)
+    # a file written before the base's activation was recorded: its base had GPT-2's tanh GELU
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    base = {k: v for k, v in json.loads(meta["base"]).items() if k != "activation"}
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={**meta, "base": json.dumps(base)})
+    assert peft.load_adapter(tiny(activation="gelu_tanh"), old).peft_config == config
+    with pytest.raises(ValueError, match="activation"):
+        peft.load_adapter(tiny(activation="gelu"), old)
+
+
 @pytest.mark.parametrize(
     "config, merge",
     [(c, False) for c in method_configs()] + [(peft.LoraConfig(r=4, alpha=8), True), (peft.IA3Config(), True)],
