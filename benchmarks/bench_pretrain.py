@@ -435,10 +435,10 @@ def write_outputs(results: list[dict], ratio_lines: list[str], threads: int, res
               f"runs inherit); {os.cpu_count()} CPUs; load average before the runs {args_load()}. "
               f"nanoGPT's validation loss is its own estimate ({BABY['eval_iters']} random batches of "
               f"{BABY['batch_size']}), minigpt's the mean over the same {windows:,} fixed windows of "
-              f"{BABY['block_size']} characters in every run"
-              + (" (the split holds that many side by side; more would read the same characters again)"
-                 if windows < asked else "") +
-              " (the trainer's runs: "
+              f"{BABY['block_size']} characters in every run ("
+              + ("all the split holds side by side, more would read the same characters again; " if windows < asked
+                 else "") +
+              "the trainer's runs: "
               f"{max(BABY['batch_size'], EVAL_TOKENS_CPU // BABY['block_size'])} windows a forward pass; the MLP's "
               "GELU is the exact one, as nanoGPT's). Wall time: from "
               "the process's start to its end (imports, tokenising, evaluations, checkpoints and all); CPU time: "

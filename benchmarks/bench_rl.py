@@ -184,6 +184,40 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def headroom(base: str, eval_prompts: int, path: Path, k: int = 16, temperatures=(0.3, 0.7, 1.0)) -> str:
+    """How much greedy accuracy RL could buy by re-ranking what the SFT model already samples: on the held-out
+    prompts, how many of those it answers wrongly when greedy it sometimes answers rightly when sampling (k samples at
+    each temperature), and how many of those it answers rightly when greedy it samples wrongly more than half the
+    time (the ones a policy moved by sampled rewards can lose). A policy gradient raises the probability of sampled
+    answers that scored well; the greedy answer changes only where a right answer already has some probability."""
+    import torch
+
+    from minigpt import checkpoint
+    from rlhf.evaluate import evaluate_policy
+    from rlhf.prompts import builtin_prompts
+
+    torch.manual_seed(0)
+    loaded = checkpoint.load(f"{base}/sft")
+    test = builtin_prompts(n_test=eval_prompts)[1]
+    lines = ["# Headroom: what the SFT model already samples", "",
+             f"The SFT model ({Path(base).name}/sft) on {len(test)} held-out prompts (the built-in PPO test prompts), "
+             f"{k} samples a prompt at each temperature (python benchmarks/bench_rl.py --headroom).", "",
+             "| temperature | sampled accuracy | greedy wrong: some sample right | greedy wrong: at least 1/4 of "
+             "samples right | greedy right: under 1/2 of samples right |", "|---:|---:|---:|---:|---:|"]
+    for t in temperatures:
+        ev = evaluate_policy(loaded.model, loaded.tokenizer, test, k=k, temperature=t)
+        pairs = list(zip(ev["per_prompt"]["greedy_accuracy"], ev["per_prompt"]["sampled_accuracy"]))
+        wrong = [s for g, s in pairs if g == 0]
+        right = [s for g, s in pairs if g == 1]
+        lines.append(f"| {t:g} | {ev['sampled_accuracy']['mean']:.1%} | {sum(s > 0 for s in wrong)} of {len(wrong)} | "
+                     f"{sum(s >= 0.25 for s in wrong)} of {len(wrong)} | {sum(s < 0.5 for s in right)} of "
+                     f"{len(right)} |")
+    lines += ["", f"Greedy accuracy {len(right) / len(pairs):.1%} ({len(right)} of {len(pairs)})."]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--from", dest="base", default=None, help="a pipeline output folder with sft/ and reward/ (default: "
@@ -194,7 +228,13 @@ def main(argv=None):
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts (default 200)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where rl.md, rl.json, rl.png go")
+    p.add_argument("--headroom", action="store_true", help="instead: what the SFT model of --from already samples "
+                   "right where its greedy answer is wrong (rl_headroom.md)")
     args = p.parse_args(argv)
+    if args.headroom:
+        if args.base is None:
+            p.error("--headroom needs --from (a pipeline output folder with sft/)")
+        return print(headroom(args.base, args.eval_prompts, Path(args.results) / "rl_headroom.md"))
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -95,3 +95,21 @@ def test_gpu_script_smoke_on_one_tiny_shape(tmp_path, monkeypatch):
     assert "SMOKE RUN" in (tmp_path / "gpu.md").read_text()
     assert not (ROOT / "benchmarks" / "results" / "gpu.md").exists() or "SMOKE" not in (
         ROOT / "benchmarks" / "results" / "gpu.md").read_text()
+
+
+def test_rl_headroom_counts_prompts_by_their_greedy_and_sampled_answers(tmp_path, monkeypatch):
+    import types
+
+    from minigpt import checkpoint
+    from rlhf import evaluate
+
+    bench_rl = load("bench_rl")
+    monkeypatch.setattr(checkpoint, "load", lambda folder: types.SimpleNamespace(model=None, tokenizer=None))
+    greedy, sampled = [0.0, 0.0, 0.0, 1.0, 1.0], [0.0, 0.25, 0.125, 0.4375, 0.875]  # five prompts, 16 samples each
+    monkeypatch.setattr(evaluate, "evaluate_policy", lambda *a, **k: {
+        "per_prompt": {"greedy_accuracy": greedy, "sampled_accuracy": sampled},
+        "sampled_accuracy": {"mean": sum(sampled) / 5, "se": 0.0}})
+    text = bench_rl.headroom("out/pipeline", 5, tmp_path / "h.md", temperatures=(0.5,))
+    # greedy wrong on 3: a right sample on 2, a quarter right on 1; greedy right on 2: under half right on 1
+    assert "| 0.5 | 33.8% | 2 of 3 | 1 of 3 | 1 of 2 |" in text
+    assert "Greedy accuracy 40.0% (2 of 5)." in text and (tmp_path / "h.md").read_text() == text
