@@ -126,7 +126,7 @@ def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator
 
 
 def fixed_windows(tokens: np.ndarray, n_windows: int, block_size: int) -> list[int]:
-    """n_windows offsets spread evenly over the split: the same every evaluation, so losses compare.
+    """At most n_windows offsets spread evenly over the split: the same every evaluation, so losses compare.
 
     When n_windows windows of block_size would overlap, the split's non-overlapping windows 0, T, 2T, ... instead:
     they read every target token once, and windows beyond them would only read the same tokens again (at other

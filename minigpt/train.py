@@ -487,6 +487,11 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
     model.check_tokenizer(tokenizer)
     T = model_config.block_size
     val_offsets = fixed_windows(data.val, cfg.eval_iters * cfg.batch_size, T)
+    asked = cfg.eval_iters * cfg.batch_size
+    if state is not None and state.get("eval_windows", asked) != len(val_offsets) and procs.is_main:
+        print(f"note: the run's earlier validation losses were measured on {state.get('eval_windows', asked):,} "
+              f"windows (a version that let them overlap), from now on on {len(val_offsets):,}; its best model is "
+              "chosen across both", flush=True)
 
     def get_batch(generator):
         return random_batch(data.train, cfg.batch_size, T, generator)
@@ -512,14 +517,14 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
         print(f"data: {source}: {len(data.train):,} train / {len(data.val):,} validation tokens, "
               f"tokenizer {tokenizer.name}")
         print(f"model: {model.num_parameters():,} parameters, {model_config}")
-        asked = cfg.eval_iters * cfg.batch_size
         print(f"evaluation: {len(val_offsets):,} validation windows of {T} tokens" + (
             f" (all that fit without overlap; --eval-iters x --batch-size asked for {asked:,})"
             if len(val_offsets) < asked else ""))
     made_from = {"data": source, "tokenizer": pcfg.tokenizer, "data_fingerprint": data.fingerprint}
     settings = {"pretrain": dataclasses.asdict(pcfg), "train": dataclasses.asdict(cfg)}
     info = describe(model, "pretrain", made_from=made_from, settings=settings)
-    rows = train(model, get_batch, loss_fn, cfg, evaluate, meta=dict(info, tokenizer=tokenizer.to_dict()),
+    rows = train(model, get_batch, loss_fn, cfg, evaluate,
+                 meta=dict(info, tokenizer=tokenizer.to_dict(), eval_windows=len(val_offsets)),
                  resume=state, procs=procs)
     results = {"params": model.num_parameters(), "out_dir": cfg.out_dir}
     if procs.is_main:

@@ -263,6 +263,25 @@ def test_cli_no_bias_builds_a_model_without_biases(tmp_path):
     assert not [k for k in ckpt["model"] if k.endswith(".bias")]
 
 
+def test_resuming_a_run_whose_windows_overlapped_says_its_earlier_losses_used_other_windows(tmp_path, capsys):
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "run"
+
+    def args(iters, *more):  # 400 windows asked, 49 fit side by side
+        return ["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny", "--max-iters",
+                str(iters), "--eval-interval", "2", "--eval-iters", "100", "--batch-size", "4", "--out-dir",
+                str(out), "--no-progress", "--no-plot", *more]
+
+    train_mod.main(args(2))
+    train_mod.main(args(4, "--resume"))
+    assert "note: the run's earlier" not in capsys.readouterr().out  # the same windows throughout
+    state = load_checkpoint(out / "ckpt.pt")
+    assert state["eval_windows"] == 49
+    save_checkpoint(out / "ckpt.pt", {k: v for k, v in state.items() if k != "eval_windows"})  # as saved before
+    train_mod.main(args(6, "--resume"))
+    assert "measured on 400 windows (a version that let them overlap), from now on on 49" in capsys.readouterr().out
+
+
 def test_pretraining_uses_the_exact_gelu_and_a_run_from_before_the_option_resumes_as_it_was(tmp_path):
     """New runs get the exact GELU; a run saved before GPTConfig.activation existed trained with GPT-2's tanh form:
     --resume continues it with that form (with or without --activation gelu_tanh) and refuses --activation gelu."""
@@ -334,12 +353,14 @@ def test_compile_without_a_compiler_trains_in_eager_mode_and_says_so(tmp_path, m
     assert maybe_compile(model, torch.device("cpu"), enabled=False) is model
 
 
-def test_pretraining_evaluates_the_mean_loss_over_the_fixed_windows(tmp_path):
+def test_pretraining_evaluates_the_mean_loss_over_the_fixed_windows(tmp_path, monkeypatch, capsys):
     (tmp_path / "text.txt").write_text(TEXT)
     out = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "EVAL_TOKENS_CPU", 20 * 32)  # passes of 20 windows of the tiny preset's 32
     train_mod.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", "char", "--preset", "tiny",
                     "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "100", "--batch-size", "4",
-                    "--out-dir", str(out), "--no-progress", "--no-plot"])  # 400 windows: 6 passes of 64, then 16
+                    "--out-dir", str(out), "--no-progress", "--no-plot"])  # 400 asked, 49 fit: passes of 20, 20, 9
+    assert "evaluation: 49 validation windows of 32 tokens (all that fit without overlap" in capsys.readouterr().out
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
     ckpt = load_checkpoint(out / "ckpt.pt")  # the model the evaluation saw, after the one step
     model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
