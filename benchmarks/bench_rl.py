@@ -152,9 +152,8 @@ def write_table(table: dict, runs: list[dict], path: Path, args) -> str:
                      f"({100 * row['gain_se']:.1f}) | {row['wall_s']['mean']:.0f} s |")
     lines += ["", "Wall time: one run's, from loading the models to saving the policy, the evaluations before and "
               "after included, on one thread while other runs shared the CPUs (load average when this table was "
-              f"written: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; during the runs up to about 10, and runs read "
-              "back from "
-              "bench.json may come from other times), so these times say little about speed."]
+              f"written: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; runs read back from bench.json may come from "
+              "other times), so these times say little about speed."]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
