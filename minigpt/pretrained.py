@@ -31,7 +31,7 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers i
 # config.json settings that change GPT-2's computation in ways this model does not implement: (key, GPT-2's value)
 _UNSUPPORTED = (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
                 ("reorder_and_upcast_attn", False), ("add_cross_attention", False))
-# config.json's activation_function -> GPTConfig.activation (transformers' names for GPT-2's tanh GELU and the exact one)
+# config.json's activation_function -> GPTConfig.activation (transformers' names for GPT-2's tanh GELU and exact GELU)
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import describe, load_checkpoint, save_checkpoint, save_model
-from .config import PRESETS, GPTConfig, preset
+from .config import ACTIVATIONS, PRESETS, GPTConfig, preset
 from .device import Processes, init_processes, maybe_compile, precision, select_device
 from .model import GPT
 from .options import HelpFormatter, add_options, from_args, option, parse, run
@@ -413,7 +413,7 @@ class PretrainConfig:
     layout: str = option("pre_ln", "pre_ln (GPT-2) or post_ln (BERT)", choices=["pre_ln", "post_ln"])
     bias: bool = option(True, "biases in the Linear layers and LayerNorms (GPT-2 has them; nanoGPT leaves them out)")
     activation: str = option("gelu", "the MLP's GELU: gelu (exact, with erf, as nanoGPT; cheaper on CPUs) or gelu_tanh "
-                             "(GPT-2's tanh approximation)", choices=["gelu", "gelu_tanh"])
+                             "(GPT-2's tanh approximation)", choices=list(ACTIVATIONS))
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         sizes = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k)}
@@ -486,8 +486,8 @@ def _pretrain(pcfg: PretrainConfig, cfg: TrainConfig, procs: Processes) -> dict:
     model = GPT(model_config)
     model.check_tokenizer(tokenizer)
     T = model_config.block_size
-    val_offsets = fixed_windows(data.val, cfg.eval_iters * cfg.batch_size, T)
     asked = cfg.eval_iters * cfg.batch_size
+    val_offsets = fixed_windows(data.val, asked, T)  # fewer than asked when that many would overlap
     if state is not None and state.get("eval_windows", asked) != len(val_offsets) and procs.is_main:
         print(f"note: the run's earlier validation losses were measured on {state.get('eval_windows', asked):,} "
               f"windows (a version that let them overlap), from now on on {len(val_offsets):,}; its best model is "

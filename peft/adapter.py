@@ -58,7 +58,8 @@ class AdapterConfig:
     method = "adapter"
 
     reduction_factor: int = option(16, "adapters: the bottleneck is n_embd // reduction_factor wide")
-    non_linearity: str = option("gelu", "adapters: the bottleneck's nonlinearity (gelu: BERT's tanh form; relu, swish, tanh)")
+    non_linearity: str = option("gelu", "adapters: the bottleneck's nonlinearity (gelu: BERT's tanh form; relu, swish, "
+                                "tanh)")
     placement: str = option("houlsby", "adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP)")
     init_scale: float = option(1e-3, "adapters: std of W_down's truncated normal initialisation")
     train_layernorm: bool = option(False, "adapters: also train the LayerNorms (Houlsby et al. do)")
