@@ -41,10 +41,15 @@ from rlhf.reward_model import RewardConfig, run_reward
 @dataclass
 class Sizes:
     """How much work each stage does; FAST shrinks everything for a smoke run. The defaults are sized for
-    `make demo` on 2 CPU cores (the README has the measured stage times); fewer SFT iterations cost accuracy fast."""
+    `make demo` on 2 CPU cores (the README has the measured stage times). Pretraining takes batches of 16 windows,
+    which reach a loss in fewer tokens than batches of 32; SFT and the reward model keep 32 rows a batch and their
+    iterations, as fewer rows or fewer iterations cost accuracy fast."""
 
     corpus_chars: int = 1_500_000
-    pretrain_iters: int = 800
+    pretrain_iters: int = 1150
+    pretrain_batch: int = 16
+    pretrain_lr: float = 3e-3
+    pretrain_eval_windows: int = 320
     n_layer: int = 4
     n_embd: int = 128
     sft_iters: int = 600
@@ -56,11 +61,11 @@ class Sizes:
     eval_prompts: int = 200
     eval_samples: int = 4  # samples per held-out prompt: sampled accuracy, pass@4
     ppo_vf_lr: float = 1e-3  # the fresh value head learns at its own, higher rate
-    ppo_lr: float = 1e-5  # with beta 1, 3 seeds: greedy accuracy -1.2 points from SFT's, paired SE 1.8 (results/rl.md)
+    ppo_lr: float = 1e-5  # with beta 1: the row "beta 1, lr 1e-5" of benchmarks/results/rl.md
 
 
-FAST = Sizes(corpus_chars=200_000, pretrain_iters=60, n_layer=2, n_embd=64, sft_iters=30, reward_pairs=2000,
-             reward_iters=20, ppo_steps=3, ppo_batch=16, eval_prompts=24, eval_samples=2)
+FAST = Sizes(corpus_chars=200_000, pretrain_iters=60, pretrain_batch=32, pretrain_lr=2e-3, n_layer=2, n_embd=64,
+             sft_iters=30, reward_pairs=2000, reward_iters=20, ppo_steps=3, ppo_batch=16, eval_prompts=24, eval_samples=2)
 
 
 def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
@@ -91,9 +96,10 @@ def stage_pretrain(out: Path, s: Sizes, progress: bool, mode: dict) -> dict:
     if mode["resume"]:  # an interrupted run continues with its own GELU (a run of an older version: the tanh one)
         state = load_resume_checkpoint(out / "pretrain")
         pcfg.activation = GPTConfig.from_dict(state["model_config"]).activation
-    cfg = TrainConfig(out_dir=str(out / "pretrain"), batch_size=32, max_iters=s.pretrain_iters, lr=2e-3, min_lr=2e-4,
-                      warmup_iters=50, eval_interval=max(s.pretrain_iters // 4, 1), eval_iters=10, progress=progress,
-                      **mode)
+    cfg = TrainConfig(out_dir=str(out / "pretrain"), batch_size=s.pretrain_batch, max_iters=s.pretrain_iters,
+                      lr=s.pretrain_lr, min_lr=s.pretrain_lr / 10, warmup_iters=50,
+                      eval_interval=max(s.pretrain_iters // 4, 1),
+                      eval_iters=max(s.pretrain_eval_windows // s.pretrain_batch, 1), progress=progress, **mode)
     r = pretrain(pcfg, cfg)
     return {"data": f"built-in corpus, {s.corpus_chars:,} characters", "algorithm": "next-token prediction",
             "model": f"GPT {s.n_layer} layers x {s.n_embd} dims", "params": r["params"], "val_loss": r["val_loss"],
