@@ -46,3 +46,23 @@ def test_an_interrupted_pretraining_stage_continues_with_the_gelu_it_was_built_w
     pipeline.run_stage(tmp_path, "pretrain", lambda mode: pipeline.stage_pretrain(tmp_path, TOY, False, mode))
     ckpt = load_checkpoint(tmp_path / "pretrain" / "ckpt.pt")
     assert ckpt["iter"] == TOY.pretrain_iters - 1 and ckpt["model_config"]["activation"] == "gelu_tanh"
+
+
+def test_the_pretraining_stage_trains_and_evaluates_at_the_sizes_it_is_given(tmp_path, monkeypatch):
+    from rlhf import pipeline
+
+    seen = {}
+
+    def fake_pretrain(pcfg, cfg):
+        seen["cfg"] = cfg
+        return {"params": 1, "val_loss": 0.0}
+
+    monkeypatch.setattr(pipeline, "pretrain", fake_pretrain)
+    for sizes in (Sizes(), pipeline.FAST):
+        pipeline.stage_pretrain(tmp_path, sizes, False, {"resume": False, "overwrite": True})
+        cfg = seen["cfg"]
+        assert (cfg.batch_size, cfg.max_iters, cfg.lr) == (sizes.pretrain_batch, sizes.pretrain_iters,
+                                                           sizes.pretrain_lr)
+        # the evaluation reads the same windows whatever the batch: eval_iters batches of batch_size windows
+        assert cfg.batch_size * cfg.eval_iters == sizes.pretrain_eval_windows == 320
+        assert cfg.min_lr == sizes.pretrain_lr / 10
