@@ -201,8 +201,8 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="redo stages that are already done (a finished stage is "
                    "skipped, whatever the options given now)")
     p.add_argument("--sft-method", default="full", help="full or a PEFT method (see python -m peft.train --help)")
-    # a smaller beta or a larger rate buys fewer remarks with lost accuracy: the policy drifts on the list tasks,
-    # whose one-word errors the reward model cannot see (3 seeds in benchmarks/results/rl.md: beta 0.5 at 2e-5)
+    # a smaller beta or a larger rate buys fewer remarks at a larger KL, and on some SFT models lost accuracy, the
+    # policy drifting on list tasks whose one-word errors the reward model cannot see (benchmarks/results/rl.md)
     p.add_argument("--beta", type=float, default=1.0, help="KL coefficient of the PPO stage")
     p.add_argument("--ppo-lr", type=float, help=f"learning rate of the PPO policy (default: {Sizes.ppo_lr:g})")
     p.add_argument("--reward-fn", default="reward_model", choices=["reward_model", "checker", "both"],

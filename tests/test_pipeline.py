@@ -49,6 +49,8 @@ def test_an_interrupted_pretraining_stage_continues_with_the_gelu_it_was_built_w
 
 
 def test_the_pretraining_stage_trains_and_evaluates_at_the_sizes_it_is_given(tmp_path, monkeypatch):
+    import dataclasses
+
     from rlhf import pipeline
 
     seen = {}
@@ -58,11 +60,12 @@ def test_the_pretraining_stage_trains_and_evaluates_at_the_sizes_it_is_given(tmp
         return {"params": 1, "val_loss": 0.0}
 
     monkeypatch.setattr(pipeline, "pretrain", fake_pretrain)
-    for sizes in (Sizes(), pipeline.FAST):
+    for sizes in (Sizes(), pipeline.FAST, dataclasses.replace(pipeline.FAST, pretrain_eval_windows=96)):
         pipeline.stage_pretrain(tmp_path, sizes, False, {"resume": False, "overwrite": True})
         cfg = seen["cfg"]
         assert (cfg.batch_size, cfg.max_iters, cfg.lr) == (sizes.pretrain_batch, sizes.pretrain_iters,
                                                            sizes.pretrain_lr)
         # the evaluation reads the same windows whatever the batch: eval_iters batches of batch_size windows
-        assert cfg.batch_size * cfg.eval_iters == sizes.pretrain_eval_windows == 320
+        assert cfg.batch_size * cfg.eval_iters == sizes.pretrain_eval_windows
         assert cfg.min_lr == sizes.pretrain_lr / 10
+    assert Sizes().pretrain_eval_windows == 320  # the demo's evaluation, as before batches of 16
