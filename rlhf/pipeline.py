@@ -10,8 +10,9 @@ sure."), as demonstrations written by people often do; the reward model learns f
 prefer the bare answer of the asked form; PPO, with the reward model as its only signal, teaches the policy to stop
 after the answer. The ground-truth rubric (tasks.ground_truth_score), which no stage sees, measures the gain.
 
-Each stage saves its model and a stage.json; a second run skips the stages already done (--force redoes them), so an
-interrupted pipeline resumes at the stage it was in. The report has the four-stage table (data, algorithm, model,
+Each stage saves its model and a stage.json with the settings it ran with; a second run skips the stages already
+done with the same settings and refuses those done with others (--force redoes them), so an interrupted pipeline
+resumes at the stage it was in and a changed one is never mixed with old models. The report has the four-stage table (data, algorithm, model,
 parameters, wall time), the SFT-vs-RL comparison on held-out prompts (ground-truth score, reward-model score, KL to
 the SFT model) with sample responses side by side, and ppo.png (score and KL over PPO steps).
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from minigpt import tasks
@@ -68,23 +69,49 @@ FAST = Sizes(corpus_chars=200_000, pretrain_iters=60, pretrain_batch=32, pretrai
              sft_iters=30, reward_pairs=2000, reward_iters=20, ppo_steps=3, ppo_batch=16, eval_prompts=24, eval_samples=2)
 
 
-def run_stage(out_dir: Path, name: str, fn, force: bool = False) -> dict:
-    """Run fn(mode) unless out_dir/name/stage.json says it is done; record its results and wall time there. mode
-    tells the stage to continue an interrupted run of it (a checkpoint is there), or to start afresh over whatever
-    an earlier attempt left (--force redoes a finished stage)."""
+def run_stage(out_dir: Path, name: str, fn, force: bool = False, settings: dict | None = None) -> dict:
+    """Run fn(mode) unless out_dir/name/stage.json says it is done; record its results, the settings it ran with and
+    its wall time there. mode tells the stage to continue an interrupted run of it (a checkpoint is there), or to
+    start afresh over whatever an earlier attempt left (--force redoes a finished stage). A finished stage made with
+    other settings (or by an older version, which recorded none) is refused, not silently reused."""
     folder = out_dir / name
     marker = folder / "stage.json"
     if marker.is_file() and not force:
+        done = json.loads(read_text(marker))
+        check_same_settings(folder, done.get("settings"), settings)
         print(f"== {name}: done earlier, skipping (stage.json found; --force to redo)")
-        return json.loads(read_text(marker))
+        return done
     interrupted = not force and any((folder / f).is_file() for f in ("ckpt.pt", "rl_state.pt"))
     mode = {"resume": interrupted, "overwrite": not interrupted}
     print(f"== {name}" + (": continuing the interrupted run" if interrupted else ""))
     t0 = time.perf_counter()
     results = fn(mode)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
+    if settings is not None:
+        results["settings"] = settings
     write_json(marker, results)
     return results
+
+
+def check_same_settings(folder: Path, recorded: dict | None, settings: dict | None) -> None:
+    """Refuse to reuse a finished stage whose recorded settings differ from this run's, naming each difference."""
+    if settings is None or recorded == settings:
+        return
+    if recorded is None:
+        raise ValueError(f"{folder} was made by an older version of the pipeline, which did not record its settings; "
+                         f"redo it with --force, or pass another --out-dir")
+    diffs = ", ".join(f"{k}={recorded.get(k)!r} (now {v!r})" for k, v in settings.items() if recorded.get(k) != v)
+    raise ValueError(f"{folder} was made with other settings: {diffs}; redo it with --force, or pass another "
+                     f"--out-dir")
+
+
+def stage_settings(s: Sizes, name: str, **options) -> dict:
+    """The sizes one stage reads (the fields of Sizes named after it, the model's shape for pretraining, the
+    evaluation's prompts where it uses them) and its options: what stage.json records and a later run compares."""
+    shared = {"pretrain": ("corpus_chars", "n_layer", "n_embd"), "sft": ("remark_share", "eval_prompts"),
+              "reward": ("eval_prompts",), "ppo": ("eval_prompts", "eval_samples")}[name]
+    fields = [f for f in asdict(s) if f in shared or f.startswith(name + "_")]
+    return {f: getattr(s, f) for f in fields} | options
 
 
 # -- the stages -----------------------------------------------------------------------------------------------
@@ -199,7 +226,7 @@ def build_parser():
     p.add_argument("--out-dir", default="out/pipeline", help="where every stage writes its folder and the report")
     p.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run in about a minute")
     p.add_argument("--force", action="store_true", help="redo stages that are already done (a finished stage is "
-                   "skipped, whatever the options given now)")
+                   "skipped when it was made with the sizes and options given now, refused otherwise)")
     p.add_argument("--sft-method", default="full", help="full or a PEFT method (see python -m peft.train --help)")
     # a smaller beta or a larger rate buys fewer remarks at a larger KL, and on some SFT models lost accuracy, the
     # policy drifting on list tasks whose one-word errors the reward model cannot see (benchmarks/results/rl.md)
@@ -233,14 +260,18 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
         "reward": lambda mode: stage_reward(out, s, progress, mode),
         "ppo": lambda mode: stage_ppo(out, s, progress, args.beta, "ppo", args.reward_fn, mode),
     }
+    settings = {"pretrain": stage_settings(s, "pretrain"), "sft": stage_settings(s, "sft", method=args.sft_method),
+                "reward": stage_settings(s, "reward"),
+                "ppo": stage_settings(s, "ppo", beta=args.beta, reward=args.reward_fn)}
     t0 = time.perf_counter()
-    results = {name: run_stage(out, name, stages[name], args.force) for name in wanted}
+    results = {name: run_stage(out, name, stages[name], args.force, settings[name]) for name in wanted}
     if len(wanted) < len(STAGES):
         print(f"pipeline stopped after {wanted[-1]} (--stages) in {time.perf_counter() - t0:.0f} s; in {out}")
         return results
     if args.reward_hacking:
         results["ppo_beta0"] = run_stage(out, "ppo_beta0", lambda mode: stage_ppo(out, s, progress, 0.0, "ppo_beta0",
-                                                                                 args.reward_fn, mode), args.force)
+                                                                                 args.reward_fn, mode), args.force,
+                                       stage_settings(s, "ppo", beta=0.0, reward=args.reward_fn))
     print(report(out, results))
     print(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report in {out / 'report.md'}")
     return results

@@ -29,6 +29,15 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
     again = main(["--out-dir", str(out), "--no-progress"], sizes=TOY)
     assert capsys.readouterr().out.count("done earlier, skipping") == 4
     assert again["ppo"]["after"] == results["ppo"]["after"]
+    # a run with other sizes or options refuses the stage they change instead of reusing it
+    import dataclasses
+
+    import pytest
+
+    with pytest.raises(ValueError, match=r"pretrain was made with other settings: pretrain_iters=20 \(now 21\)"):
+        main(["--out-dir", str(out), "--no-progress"], sizes=dataclasses.replace(TOY, pretrain_iters=21))
+    with pytest.raises(ValueError, match=r"ppo was made with other settings: reward='reward_model' \(now 'checker'\)"):
+        main(["--out-dir", str(out), "--no-progress", "--reward-fn", "checker"], sizes=TOY)
 
 
 def test_an_interrupted_pretraining_stage_continues_with_the_gelu_it_was_built_with(tmp_path, monkeypatch):
@@ -69,3 +78,49 @@ def test_the_pretraining_stage_trains_and_evaluates_at_the_sizes_it_is_given(tmp
         assert cfg.batch_size * cfg.eval_iters == sizes.pretrain_eval_windows
         assert cfg.min_lr == sizes.pretrain_lr / 10
     assert Sizes().pretrain_eval_windows == 320  # the demo's evaluation, as before batches of 16
+
+
+def test_a_finished_stage_made_with_other_settings_is_refused_not_reused(tmp_path, capsys):
+    import dataclasses
+
+    import pytest
+
+    from rlhf import pipeline
+
+    calls = []
+
+    def stage(mode):
+        calls.append(mode)
+        return {"params": 1}
+
+    settings = pipeline.stage_settings(TOY, "sft", method="full")
+    assert settings == {"sft_iters": TOY.sft_iters, "remark_share": TOY.remark_share,
+                        "eval_prompts": TOY.eval_prompts, "method": "full"}
+    pipeline.run_stage(tmp_path, "sft", stage, settings=settings)
+    assert json.loads((tmp_path / "sft" / "stage.json").read_text())["settings"] == settings
+    pipeline.run_stage(tmp_path, "sft", stage, settings=settings)  # the same settings: skipped
+    assert len(calls) == 1
+    # sizes another stage reads do not matter to this one; its own do, and each difference is named
+    other = pipeline.stage_settings(dataclasses.replace(TOY, ppo_steps=99, n_embd=8), "sft", method="full")
+    pipeline.run_stage(tmp_path, "sft", stage, settings=other)
+    assert len(calls) == 1
+    changed = pipeline.stage_settings(dataclasses.replace(TOY, sft_iters=99), "sft", method="lora")
+    with pytest.raises(ValueError, match=r"sft_iters=8 \(now 99\), method='full' \(now 'lora'\); redo it with "
+                                         r"--force"):
+        pipeline.run_stage(tmp_path, "sft", stage, settings=changed)
+    pipeline.run_stage(tmp_path, "sft", stage, force=True, settings=changed)
+    assert len(calls) == 2
+    # a stage.json of an older version, which recorded no settings, is refused too
+    (tmp_path / "sft" / "stage.json").write_text(json.dumps({"params": 1}))
+    with pytest.raises(ValueError, match="older version"):
+        pipeline.run_stage(tmp_path, "sft", stage, settings=settings)
+
+
+def test_each_stage_records_the_sizes_it_reads():
+    from rlhf import pipeline
+
+    assert set(pipeline.stage_settings(TOY, "pretrain")) == {
+        "corpus_chars", "n_layer", "n_embd", "pretrain_iters", "pretrain_batch", "pretrain_lr", "pretrain_eval_windows"}
+    assert set(pipeline.stage_settings(TOY, "reward")) == {"reward_pairs", "reward_iters", "eval_prompts"}
+    assert set(pipeline.stage_settings(TOY, "ppo", beta=1.0, reward="checker")) == {
+        "ppo_steps", "ppo_batch", "ppo_vf_lr", "ppo_lr", "eval_prompts", "eval_samples", "beta", "reward"}
