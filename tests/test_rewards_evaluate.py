@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_gpt
 
 from minigpt import engine, tasks
-from rlhf.evaluate import evaluate_policy, gain, mean_se, over_seeds, summarize
+from rlhf.evaluate import evaluate_policy, fmt, gain, mean_se, over_seeds, sequence_kl, summarize
 from rlhf.reward_model import RewardModel
 from rlhf.rewards import checker_reward, make_reward, reward_model_reward, summed
 
@@ -105,3 +105,61 @@ def test_evaluate_policy_measures_a_model_against_itself_as_kl_0(bpe_tok):
     assert out["kl"]["mean"] == pytest.approx(0.0, abs=1e-6) and out["k"] == 2 and len(out["greedy_answers"]) == 6
     assert set(out["by_task"]) == {ex["task"] for ex in examples}
     assert all(len(v) == 6 for v in out["per_prompt"].values())
+
+
+def test_per_task_metrics_take_each_tasks_own_prompts():
+    """by_task averages the prompts of that task, wherever they stand in the list."""
+    per = {"greedy_correct": [[1.0], [0.0], [0.0]], "correct": [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]],
+           "score": [[1.0, 0.5], [1.0, 1.0], [0.0, 0.25]], "remark": [[0.0] * 2] * 3, "truncated": [[0.0] * 2] * 3,
+           "response_len": [[2.0] * 2] * 3}
+    a = summarize(per, ["a", "b", "a"])["by_task"]["a"]  # prompts 0 and 2
+    assert a["greedy_accuracy"] == pytest.approx({"mean": 0.5, "se": 0.5})  # stdev([1, 0]) / sqrt(2)
+    assert a["sampled_accuracy"] == pytest.approx({"mean": 0.25, "se": 0.25})
+    assert a["true_score"] == pytest.approx({"mean": 0.4375, "se": 0.3125})  # prompts 0.75 and 0.125
+
+
+def test_fmt_writes_mean_and_spread():
+    """fmt: "mean ± se" (or sd), in percent with both scaled by 100."""
+    assert fmt({"mean": 0.452, "se": 0.035}) == "0.452 ± 0.035"
+    assert fmt({"mean": 0.452, "sd": 0.035}, digits=2) == "0.45 ± 0.04"
+    assert fmt({"mean": 0.452, "se": 0.035}, percent=True) == "45.2% ± 3.5"
+
+
+def test_the_kl_sums_log_pi_minus_log_pi_ref_over_each_response_up_to_its_eos():
+    """sequence_kl: per row, the sum over response tokens up to eos of log pi - log pi_ref at the temperature."""
+    model, ref = tiny_gpt(32).eval(), tiny_gpt(32, seed=1).eval()
+    responses = [[4, 5, EOS], [4, 5, 6, 7], [9, EOS]]
+    got = sequence_kl(model, ref, generation(responses), temperature=2.0)
+    with torch.no_grad():
+        expected = []
+        for r in responses:
+            seq = torch.tensor([[1, 1] + r])
+            lp, lq = (torch.log_softmax(m(seq)[0][0] / 2.0, -1) for m in (model, ref))
+            expected.append(sum(lp[1 + t, a] - lq[1 + t, a] for t, a in enumerate(r)).item())
+    assert got.tolist() == pytest.approx(expected, abs=1e-5) and min(map(abs, expected)) > 1e-3
+
+
+def test_evaluate_policy_books_each_sample_to_its_prompt(monkeypatch):
+    """evaluate_policy: k samples per prompt across batches, each scored against its own prompt's answer."""
+    class Tok(WordTokenizer):
+        def encode(self, text):
+            return [self.words.index(w) for w in text.split()]
+
+    examples = [{"prompt": "w0", "output": "12"}, {"prompt": "w1", "output": "the garden"},
+                {"prompt": "w2", "output": "13"}]
+    samples = {12: [[0, EOS], [0, 7, 8, 9, 10, 11, EOS]], 13: [[2, 3, EOS], [3] * 7], 14: [[1, EOS], [0, EOS]]}
+    sizes = []
+
+    def complete(model, prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        return generation([samples[p[0]].pop(0) for p in prompts])
+
+    monkeypatch.setattr(engine, "complete", complete)
+    monkeypatch.setattr(engine, "complete_all", lambda *args, **kwargs: [[0], [2, 3], [0]])
+    out = evaluate_policy(torch.nn.Linear(1, 1), Tok(), examples, k=2, batch_size=4)
+    assert sizes == [4, 2] and out["greedy_answers"] == ["12", "the garden", "12"]
+    per = out["per_prompt"]
+    assert per["greedy_accuracy"] == [1.0, 1.0, 0.0]
+    assert per["sampled_accuracy"] == [0.5, 0.5, 0.5] and per["pass_at_k"] == [1.0, 1.0, 1.0]
+    assert per["remarks"] == [0.5, 0.0, 0.0] and per["truncated"] == [0.0, 0.5, 0.0]
+    assert per["response_len"] == [(2 + 7) / 2, (3 + 7) / 2, 2.0]  # response tokens up to and with eos

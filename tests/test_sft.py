@@ -65,6 +65,12 @@ def test_length_groups_partition_the_rows_shortest_first():
     assert len(length_groups(lengths, rows_per_pass=20)) == 1
 
 
+def test_length_groups_are_the_rows_over_rows_per_pass_rounded():
+    """length_groups: round(B / rows_per_pass) groups, so 15 rows of about 4 make 4 groups, not 3."""
+    assert [len(g) for g in length_groups(torch.arange(15), rows_per_pass=4)] == [4, 4, 4, 3]
+    assert len(length_groups(torch.arange(12), rows_per_pass=8)) == 2  # round(1.5)
+
+
 @pytest.mark.parametrize("method", ["full", "prompt_tuning"])
 def test_a_batch_in_passes_by_length_has_the_loss_and_gradient_of_one_pass(tok, data, method):
     torch.manual_seed(0)

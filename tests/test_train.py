@@ -15,7 +15,7 @@ import torch
 import minigpt.train as train_mod
 from minigpt import GPT, GPTConfig, checkpoint, preset
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
-from minigpt.data import fixed_windows, prepare, random_batch
+from minigpt.data import TokenData, fixed_windows, prepare, random_batch
 from minigpt.train import TrainConfig, lr_at, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,6 +204,34 @@ def test_validation_windows_that_would_overlap_become_the_splits_non_overlapping
     assert fixed_windows(tokens, 12, 8) == offsets  # exactly as many as fit: the same windows
     eleven = fixed_windows(tokens, 11, 8)
     assert len(eleven) == 11 and min(b - a for a, b in zip(eleven, eleven[1:])) >= 8 and eleven[-1] == 91
+
+
+def test_random_batches_draw_every_offset_whose_window_and_target_fit():
+    """random_batch: offsets 0 .. N - T - 1, the last window's target ending at the last token, none beyond."""
+    tokens = np.arange(12, dtype=np.uint16)  # T = 8: offsets 0, 1, 2, 3
+    x, y = random_batch(tokens, 200, 8, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1, 2, 3} and torch.equal(y, x + 1)
+
+
+def test_validation_windows_keep_their_targets_inside_the_split():
+    """fixed_windows: with N a multiple of T, the last token has no target, so only N // T - 1 windows fit."""
+    tokens = np.arange(96, dtype=np.uint16)  # 95 targets: 11 windows of 8 side by side
+    offsets = fixed_windows(tokens, 20, 8)
+    assert offsets == [8 * i for i in range(11)] and offsets[-1] + 8 + 1 <= 96
+
+
+def test_check_length_needs_block_size_plus_one_tokens_in_each_split():
+    """check_length: a split of exactly block_size tokens is refused, block_size + 1 is enough."""
+    TokenData(np.arange(18), None, 9, "t").check_length(8)  # 9 and 9 tokens
+    with pytest.raises(ValueError, match="train split has 8 tokens"):
+        TokenData(np.arange(17), None, 9, "t").check_length(8)
+
+
+def test_reused_tokens_are_split_by_the_val_fraction_asked_for(tmp_path):
+    """prepare: a second run that reuses the tokens on disk splits them by its own val_fraction."""
+    first = prepare([TEXT[:3000]], tmp_path / "d", "char", val_fraction=0.25)
+    again = prepare([TEXT[:3000]], tmp_path / "d", "char", val_fraction=0.25)
+    assert first.n_val == again.n_val == int(0.25 * len(first.tokens))
 
 
 # -- the CLI end to end ---------------------------------------------------------------------------------------
