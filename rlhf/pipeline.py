@@ -10,11 +10,15 @@ sure."), as demonstrations written by people often do; the reward model learns f
 prefer the bare answer of the asked form; PPO, with the reward model as its only signal, teaches the policy to stop
 after the answer. The ground-truth rubric (tasks.ground_truth_score), which no stage sees, measures the gain.
 
-Each stage saves its model and a stage.json with the settings it ran with; a second run skips the stages already
-done with the same settings and refuses those done with others (--force redoes them), so an interrupted pipeline
-resumes at the stage it was in and a changed one is never mixed with old models. The report has the four-stage table (data, algorithm, model,
-parameters, wall time), the SFT-vs-RL comparison on held-out prompts (ground-truth score, reward-model score, KL to
-the SFT model) with sample responses side by side, and ppo.png (score and KL over PPO steps).
+Each stage saves its model and a stage.json with the settings it ran with and the runs of the stages it was made
+from; a second run skips the stages already done with the same settings and refuses those done with others (--redo
+STAGE redoes one, --force all), so an interrupted pipeline resumes at the stage it was in and a changed one is never
+mixed with old models: a stage made from an earlier run of the stage before it (redone, or deleted and run again) is
+redone too.
+
+The report has the four-stage table (data, algorithm, model, parameters, wall time), the SFT-vs-RL comparison on
+held-out prompts (ground-truth score, reward-model score, KL to the SFT model) with sample responses side by side,
+and ppo.png (score and KL over PPO steps).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -69,26 +74,35 @@ FAST = Sizes(corpus_chars=200_000, pretrain_iters=60, pretrain_batch=32, pretrai
              sft_iters=30, reward_pairs=2000, reward_iters=20, ppo_steps=3, ppo_batch=16, eval_prompts=24, eval_samples=2)
 
 
-def run_stage(out_dir: Path, name: str, fn, force: bool = False, settings: dict | None = None) -> dict:
-    """Run fn(mode) unless out_dir/name/stage.json says it is done; record its results, the settings it ran with and
-    its wall time there. mode tells the stage to continue an interrupted run of it (a checkpoint is there), or to
-    start afresh over whatever an earlier attempt left (--force redoes a finished stage). A finished stage made with
-    other settings (or by an older version, which recorded none) is refused, not silently reused."""
+def run_stage(out_dir: Path, name: str, fn, force: bool = False, settings: dict | None = None,
+              made_from: dict | None = None) -> dict:
+    """Run fn(mode) unless out_dir/name/stage.json says it is done; record its results, the settings it ran with,
+    the runs it was made from (made_from: {earlier stage: its run_id}), a run_id of its own and its wall time there.
+    mode tells the stage to continue an interrupted run of it (a checkpoint is there), or to start afresh over
+    whatever an earlier attempt left (force redoes a finished stage). A finished stage made with other settings (or
+    by an older version, which recorded none) is refused, not silently reused; one made from other runs of the
+    stages before it is redone, as its inputs changed."""
     folder = out_dir / name
     marker = folder / "stage.json"
-    if marker.is_file() and not force:
+    if marker.is_file():
         done = json.loads(read_text(marker))
-        check_same_settings(folder, done.get("settings"), settings)
-        print(f"== {name}: done earlier, skipping (stage.json found; --force to redo)")
-        return done
+        if done.get("made_from") != made_from:  # its inputs changed: redone with the settings given now
+            print(f"== {name}: made from an earlier run of {', '.join(made_from or {})}; redoing it")
+            force = True
+        elif not force:
+            check_same_settings(folder, done.get("settings"), settings)
+            print(f"== {name}: done earlier, skipping (stage.json found; --redo {name} to redo)")
+            return done | {"skipped": True}
     interrupted = not force and any((folder / f).is_file() for f in ("ckpt.pt", "rl_state.pt"))
     mode = {"resume": interrupted, "overwrite": not interrupted}
     print(f"== {name}" + (": continuing the interrupted run" if interrupted else ""))
+    marker.unlink(missing_ok=True)  # an interrupted redo must not pass for the run it replaces
     t0 = time.perf_counter()
     results = fn(mode)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     if settings is not None:
         results["settings"] = settings
+    results["made_from"], results["run_id"] = made_from, uuid.uuid4().hex[:12]
     write_json(marker, results)
     return results
 
@@ -99,10 +113,10 @@ def check_same_settings(folder: Path, recorded: dict | None, settings: dict | No
         return
     if recorded is None:
         raise ValueError(f"{folder} was made by an older version of the pipeline, which did not record its settings; "
-                         f"redo it with --force, or pass another --out-dir")
+                         f"redo it with --redo {folder.name} (or every stage with --force), or pass another --out-dir")
     diffs = ", ".join(f"{k}={recorded.get(k)!r} (now {v!r})" for k, v in settings.items() if recorded.get(k) != v)
-    raise ValueError(f"{folder} was made with other settings: {diffs}; redo it with --force, or pass another "
-                     f"--out-dir")
+    raise ValueError(f"{folder} was made with other settings: {diffs}; redo it with --redo {folder.name} (or every "
+                     f"stage with --force), or pass another --out-dir")
 
 
 def stage_settings(s: Sizes, name: str, **options) -> dict:
@@ -179,6 +193,10 @@ def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str, rewar
             "first_row": r["first_row"], "last_row": r["last_row"]}
 
 
+STAGES = ("pretrain", "sft", "reward", "ppo")
+DEPENDS = {"pretrain": (), "sft": ("pretrain",), "reward": ("sft",), "ppo": ("sft", "reward")}
+
+
 # -- the report -----------------------------------------------------------------------------------------------
 
 
@@ -225,8 +243,10 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m rlhf.pipeline", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out-dir", default="out/pipeline", help="where every stage writes its folder and the report")
     p.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run in about a minute")
-    p.add_argument("--force", action="store_true", help="redo stages that are already done (a finished stage is "
-                   "skipped when it was made with the sizes and options given now, refused otherwise)")
+    p.add_argument("--force", action="store_true", help="redo every stage, even those already done (a finished "
+                   "stage is skipped when it was made with the sizes and options given now, refused otherwise)")
+    p.add_argument("--redo", choices=STAGES, help="redo this stage even if it is done; the stages after it, made "
+                   "from it, are redone too")
     p.add_argument("--sft-method", default="full", help="full or a PEFT method (see python -m peft.train --help)")
     # a smaller beta or a larger rate buys fewer remarks at a larger KL, and on some SFT models lost accuracy, the
     # policy drifting on list tasks whose one-word errors the reward model cannot see (benchmarks/results/rl.md)
@@ -241,7 +261,16 @@ def build_parser():
     return p
 
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+def made_from(results: dict, name: str) -> dict | None:
+    """{earlier stage: its run_id} for the stages name is made from, as far as they recorded one (None: none did)."""
+    ids = {dep: results[dep].get("run_id") for dep in DEPENDS[name] if dep in results}
+    return {dep: i for dep, i in ids.items() if i is not None} or None
+
+
+def inputs_made_now(results: dict, name: str) -> bool:
+    """Whether a stage name is made from ran in this invocation: name then starts afresh, not from a checkpoint an
+    interrupted run of it left, which was made from the earlier inputs."""
+    return any(not results[dep].get("skipped") for dep in DEPENDS[name] if dep in results)
 
 
 def main(argv=None, sizes: Sizes | None = None) -> dict:
@@ -254,6 +283,8 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
     wanted = [x for x in args.stages.split(",") if x]
     if not wanted or [x for x in wanted if x not in STAGES] or wanted != list(STAGES[: len(wanted)]):
         raise ValueError(f"--stages must be the first stages of {','.join(STAGES)} in order, got {args.stages!r}")
+    if args.redo and args.redo not in wanted:
+        raise ValueError(f"--redo {args.redo}: that stage is not among --stages {args.stages}")
     stages = {
         "pretrain": lambda mode: stage_pretrain(out, s, progress, mode),
         "sft": lambda mode: stage_sft(out, s, progress, args.sft_method, mode),
@@ -264,14 +295,20 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
                 "reward": stage_settings(s, "reward"),
                 "ppo": stage_settings(s, "ppo", beta=args.beta, reward=args.reward_fn)}
     t0 = time.perf_counter()
-    results = {name: run_stage(out, name, stages[name], args.force, settings[name]) for name in wanted}
+    results = {}
+    for name in wanted:
+        force = args.force or args.redo == name or inputs_made_now(results, name)
+        results[name] = run_stage(out, name, stages[name], force, settings[name], made_from(results, name))
     if len(wanted) < len(STAGES):
         print(f"pipeline stopped after {wanted[-1]} (--stages) in {time.perf_counter() - t0:.0f} s; in {out}")
         return results
     if args.reward_hacking:
-        results["ppo_beta0"] = run_stage(out, "ppo_beta0", lambda mode: stage_ppo(out, s, progress, 0.0, "ppo_beta0",
-                                                                                 args.reward_fn, mode), args.force,
-                                       stage_settings(s, "ppo", beta=0.0, reward=args.reward_fn))
+        def hacking(mode):
+            return stage_ppo(out, s, progress, 0.0, "ppo_beta0", args.reward_fn, mode)
+
+        results["ppo_beta0"] = run_stage(out, "ppo_beta0", hacking, args.force or inputs_made_now(results, "ppo"),
+                                         stage_settings(s, "ppo", beta=0.0, reward=args.reward_fn),
+                                         made_from(results, "ppo"))
     print(report(out, results))
     print(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report in {out / 'report.md'}")
     return results

@@ -38,6 +38,17 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
         main(["--out-dir", str(out), "--no-progress"], sizes=dataclasses.replace(TOY, pretrain_iters=21))
     with pytest.raises(ValueError, match=r"ppo was made with other settings: reward='reward_model' \(now 'checker'\)"):
         main(["--out-dir", str(out), "--no-progress", "--reward-fn", "checker"], sizes=TOY)
+    # --redo reward redoes the reward model and PPO, made from it, and leaves the stages before it alone
+    capsys.readouterr()
+    redone = main(["--out-dir", str(out), "--no-progress", "--redo", "reward"], sizes=TOY)
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier, skipping") == 2 and "== ppo: made from an earlier run of sft, reward" in printed
+    assert redone["sft"]["run_id"] == results["sft"]["run_id"] != redone["reward"]["run_id"] != results["reward"][
+        "run_id"]
+    ppo_json = json.loads((out / "ppo" / "stage.json").read_text())
+    assert ppo_json["made_from"] == {"sft": results["sft"]["run_id"], "reward": redone["reward"]["run_id"]}
+    with pytest.raises(ValueError, match="--redo ppo: that stage is not among --stages pretrain,sft"):
+        main(["--out-dir", str(out), "--no-progress", "--redo", "ppo", "--stages", "pretrain,sft"], sizes=TOY)
 
 
 def test_an_interrupted_pretraining_stage_continues_with_the_gelu_it_was_built_with(tmp_path, monkeypatch):
@@ -106,7 +117,7 @@ def test_a_finished_stage_made_with_other_settings_is_refused_not_reused(tmp_pat
     assert len(calls) == 1
     changed = pipeline.stage_settings(dataclasses.replace(TOY, sft_iters=99), "sft", method="lora")
     with pytest.raises(ValueError, match=r"sft_iters=8 \(now 99\), method='full' \(now 'lora'\); redo it with "
-                                         r"--force"):
+                                         r"--redo sft \(or every stage with --force\)"):
         pipeline.run_stage(tmp_path, "sft", stage, settings=changed)
     pipeline.run_stage(tmp_path, "sft", stage, force=True, settings=changed)
     assert len(calls) == 2
@@ -124,3 +135,47 @@ def test_each_stage_records_the_sizes_it_reads():
     assert set(pipeline.stage_settings(TOY, "reward")) == {"reward_pairs", "reward_iters", "eval_prompts"}
     assert set(pipeline.stage_settings(TOY, "ppo", beta=1.0, reward="checker")) == {
         "ppo_steps", "ppo_batch", "ppo_vf_lr", "ppo_lr", "eval_prompts", "eval_samples", "beta", "reward"}
+
+
+def test_a_stage_made_from_another_run_of_the_stage_before_it_is_redone(tmp_path, capsys):
+    import pytest
+
+    from rlhf import pipeline
+
+    calls = []
+
+    def stage(mode):
+        assert not (tmp_path / "reward" / "stage.json").exists()  # removed first: a crash here leaves no marker
+        calls.append(mode)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return {"params": 1}
+
+    settings = pipeline.stage_settings(TOY, "reward")
+    first = pipeline.run_stage(tmp_path, "reward", stage, settings=settings, made_from={"sft": "a"})
+    recorded = json.loads((tmp_path / "reward" / "stage.json").read_text())
+    assert recorded["made_from"] == {"sft": "a"} and recorded["run_id"] == first["run_id"] and "skipped" not in first
+    again = pipeline.run_stage(tmp_path, "reward", stage, settings=settings, made_from={"sft": "a"})
+    assert len(calls) == 1 and again["skipped"] and again["run_id"] == first["run_id"]
+    # the SFT stage was redone since: the reward model is redone too, afresh, even with other settings
+    (tmp_path / "reward" / "ckpt.pt").write_bytes(b"")
+    other = pipeline.stage_settings(TOY, "reward") | {"reward_iters": 99}
+    redone = pipeline.run_stage(tmp_path, "reward", stage, settings=other, made_from={"sft": "b"})
+    assert calls[1] == {"resume": False, "overwrite": True} and redone["run_id"] != first["run_id"]
+    assert "== reward: made from an earlier run of sft; redoing it" in capsys.readouterr().out
+    # a redo interrupted before it finished leaves no stage.json, so the next run does not take it for done
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage(tmp_path, "reward", stage, settings=settings, made_from={"sft": "c"})
+    assert not (tmp_path / "reward" / "stage.json").exists()
+
+
+def test_what_each_stage_is_made_from_and_when_it_starts_afresh():
+    from rlhf import pipeline
+
+    results = {"pretrain": {"run_id": "p", "skipped": True}, "sft": {"run_id": "s"}, "reward": {"skipped": True}}
+    assert pipeline.made_from(results, "pretrain") is None
+    assert pipeline.made_from(results, "sft") == {"pretrain": "p"}
+    assert pipeline.made_from(results, "ppo") == {"sft": "s"}  # a reward stage of an older version recorded no id
+    assert pipeline.made_from({"pretrain": {}}, "sft") is None
+    assert not pipeline.inputs_made_now(results, "sft")  # pretraining was skipped
+    assert pipeline.inputs_made_now(results, "reward") and pipeline.inputs_made_now(results, "ppo")  # SFT ran now
