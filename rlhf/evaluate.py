@@ -25,7 +25,7 @@ import statistics
 import torch
 
 from minigpt import engine, tasks
-from rlhf.policy import reference_of, response_logprobs
+from rlhf.policy import reference_of, response_logits, response_logprobs
 
 METRICS = ("greedy_accuracy", "sampled_accuracy", "pass_at_k", "true_score", "remarks", "truncated", "kl",
            "rm_score", "response_len")
@@ -43,11 +43,11 @@ def mean_se(values) -> tuple[float, float]:
 def sequence_kl(model, reference, gen, temperature: float = 1.0) -> torch.Tensor:
     """(B,) sum over each response of log pi - log pi_ref at the sampled tokens (the sampling temperature's
     distributions). reference None: the model with its PEFT adapters disabled."""
-    logp = response_logprobs(model(gen.tokens, attention_mask=gen.attention_mask)[0], gen.tokens, gen.prompt_len,
-                             temperature)
+    P = gen.prompt_len
+    logp = response_logprobs(response_logits(model, gen.tokens, gen.attention_mask, P), gen.tokens, P, temperature)
     with reference_of(model, reference) as ref:
-        ref_logp = response_logprobs(ref(gen.tokens, attention_mask=gen.attention_mask)[0], gen.tokens,
-                                     gen.prompt_len, temperature)
+        ref_logp = response_logprobs(response_logits(ref, gen.tokens, gen.attention_mask, P), gen.tokens, P,
+                                     temperature)
     return ((logp - ref_logp) * gen.response_mask).sum(-1)
 
 

@@ -50,6 +50,7 @@ from rlhf.policy import (
     masked_mean,
     open_policy,
     reference_of,
+    response_logits,
     response_logprobs,
     restore_loop_state,
     rl_peft_config,
@@ -159,11 +160,11 @@ def sample_groups(policy, tokenizer, examples, reward_fn, cfg: GRPOConfig, refer
                           generator=generator)
     policy.eval()
     mask = gen.response_mask.float()
-    old = response_logprobs(policy(gen.tokens, attention_mask=gen.attention_mask)[0], gen.tokens, gen.prompt_len,
-                            cfg.temperature)
+    P = gen.prompt_len
+    old = response_logprobs(response_logits(policy, gen.tokens, gen.attention_mask, P), gen.tokens, P, cfg.temperature)
     with reference_of(policy, reference) as ref:
-        ref_logp = response_logprobs(ref(gen.tokens, attention_mask=gen.attention_mask)[0], gen.tokens,
-                                     gen.prompt_len, cfg.temperature)
+        ref_logp = response_logprobs(response_logits(ref, gen.tokens, gen.attention_mask, P), gen.tokens, P,
+                                     cfg.temperature)
     rewards = reward_fn(gen, repeated).float()
     advantages, all_equal = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
     return Groups(gen, old * mask, ref_logp * mask, rewards, advantages, all_equal,
@@ -182,7 +183,7 @@ def grpo_update(policy, optimizer, groups: Groups, cfg: GRPOConfig, reference=No
         order = torch.randperm(N, generator=generator)
         for start in range(0, N, cfg.minibatch_size):
             i = order[start : start + cfg.minibatch_size].to(gen.tokens.device)
-            logits, _ = policy(gen.tokens[i], attention_mask=gen.attention_mask[i])
+            logits = response_logits(policy, gen.tokens[i], gen.attention_mask[i], P)  # (b, R, V)
             logp = response_logprobs(logits, gen.tokens[i], P, cfg.temperature)
             loss, s = grpo_loss(logp, groups.old_logp[i], groups.ref_logp[i], groups.advantages[i], mask[i], cfg)
             optimizer.zero_grad(set_to_none=True)
@@ -190,7 +191,7 @@ def grpo_update(policy, optimizer, groups: Groups, cfg: GRPOConfig, reference=No
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             with torch.no_grad():
-                s["entropy"] = entropy_of(logits[:, P - 1 : -1], mask[i], cfg.temperature)
+                s["entropy"] = entropy_of(logits, mask[i], cfg.temperature)
             stats["loss"].append(loss.item())
             stats["update_kl"].append(s["kl"].item())
             for k in ("clipfrac", "entropy"):

@@ -108,12 +108,21 @@ def reference_of(policy_model, reference=None):
         yield policy_model
 
 
+def response_logits(model, tokens, attention_mask, prompt_len: int):
+    """(B, R, V): the logits that predict the response tokens, at positions P - 1 ... P + R - 2 of tokens (B, P + R).
+    The output layer runs only there: the prompt's other positions predict tokens that no RL loss reads."""
+    h = model.hidden_states(tokens, attention_mask=attention_mask)  # (B, P + R, C)
+    return model.output_layer(h[:, prompt_len - 1 : -1])  # (B, R, V)
+
+
 def response_logprobs(logits, tokens, prompt_len: int, temperature: float = 1.0):
     """log pi(a_t | s_t) of each response token: the token at position P + t is predicted by the logits at position
-    P + t - 1, divided by the sampling temperature. logits (B, P + R, V), tokens (B, P + R) -> (B, R)."""
-    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # (B, R, V): positions P - 1 ... P + R - 2
+    P + t - 1, divided by the sampling temperature. logits (B, P + R, V) for every position, or (B, R, V) for those
+    positions only (response_logits); tokens (B, P + R) -> (B, R)."""
+    if logits.size(1) == tokens.size(1):
+        logits = logits[:, prompt_len - 1 : -1]  # (B, R, V): positions P - 1 ... P + R - 2
     actions = tokens[:, prompt_len:]  # (B, R)
-    return torch.log_softmax(logits, dim=-1).gather(-1, actions[..., None]).squeeze(-1)
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, actions[..., None]).squeeze(-1)
 
 
 def kl_penalty(logp, ref_logp, estimator: str = "k1"):

@@ -62,6 +62,7 @@ from rlhf.policy import (
     masked_mean,
     open_policy,
     reference_of,
+    response_logits,
     response_logprobs,
     restore_loop_state,
     rl_peft_config,
@@ -189,9 +190,13 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(policy.parameters()).device)
 
-    def forward(self, idx, attention_mask):
+    def forward(self, idx, attention_mask, prompt_len: int | None = None):
+        """Logits (B, T, V) and values (B, T) at every position; with prompt_len P, only at the positions P - 1 ...
+        T - 2 that choose the response's tokens, (B, R, V) and (B, R) (the prompt's others are never read)."""
         h = self.policy.hidden_states(idx, attention_mask=attention_mask)  # (B, T, C)
-        logits = self.policy.output_layer(h)  # (B, T, V)
+        if prompt_len is not None:
+            h = h[:, prompt_len - 1 : -1]  # (B, R, C)
+        logits = self.policy.output_layer(h)  # (B, T or R, V)
         # the value head reads the policy's features but sends no gradient into them (see the module docstring)
         values = self.value_head(self.policy.output_layer.ln_f(h).detach()).squeeze(-1)  # (B, T)
         return logits, values
@@ -224,11 +229,10 @@ def rollout(actor: PolicyWithValue, examples: list[dict], tokenizer, reward_fn, 
                           temperature=cfg.temperature, generator=generator)
     actor.eval()
     P, mask = gen.prompt_len, gen.response_mask.float()
-    logits, values = actor(gen.tokens, gen.attention_mask)
+    logits, values = actor(gen.tokens, gen.attention_mask, P)  # V(s_t): read where the logits that chose token t are
     logprobs = response_logprobs(logits, gen.tokens, P, cfg.temperature)
-    values = values[:, P - 1 : -1]  # V(s_t): read where the logits that chose token t are
     with reference_of(actor.policy, ref_model) as ref:
-        ref_logits, _ = ref(gen.tokens, attention_mask=gen.attention_mask)
+        ref_logits = response_logits(ref, gen.tokens, gen.attention_mask, P)
     ref_logprobs = response_logprobs(ref_logits, gen.tokens, P, cfg.temperature)
     scores = reward_fn(gen, examples).float()  # (B,)
     if cfg.missing_eos_penalty is not None:
@@ -262,9 +266,8 @@ def ppo_update(actor: PolicyWithValue, optimizer, vf_optimizer, ro: Rollout, cfg
         for start in range(0, B, cfg.minibatch_size):
             i = order[start : start + cfg.minibatch_size].to(ro.tokens.device)
             m = ro.response_mask[i]
-            logits, values = actor(ro.tokens[i], ro.attention_mask[i])
+            logits, values = actor(ro.tokens[i], ro.attention_mask[i], ro.prompt_len)  # (b, R, V), (b, R)
             logp = response_logprobs(logits, ro.tokens[i], ro.prompt_len, cfg.temperature)
-            values = values[:, ro.prompt_len - 1 : -1]
             pg, clipfrac, ratio = policy_loss(logp, ro.logprobs[i], advantages[i], m, cfg.cliprange)
             vf, vf_clipfrac = value_loss(values, ro.values[i], returns[i], m, cfg.cliprange_value)
             optimizer.zero_grad(set_to_none=True)
@@ -275,7 +278,7 @@ def ppo_update(actor: PolicyWithValue, optimizer, vf_optimizer, ro: Rollout, cfg
             optimizer.step()
             vf_optimizer.step()
             with torch.no_grad():
-                entropy = entropy_of(logits[:, ro.prompt_len - 1 : -1], m, cfg.temperature)
+                entropy = entropy_of(logits, m, cfg.temperature)
                 for key, value in (("policy_loss", pg), ("value_loss", vf), ("clipfrac", clipfrac),
                                    ("vf_clipfrac", vf_clipfrac), ("approx_kl", 0.5 * (logp - ro.logprobs[i]) ** 2),
                                    ("ratio", ratio), ("entropy", entropy)):

@@ -10,7 +10,7 @@ import torch
 from conftest import save_folder, tiny_gpt
 
 from minigpt import engine
-from rlhf.policy import kl_penalty, make_reference, response_logprobs
+from rlhf.policy import kl_penalty, make_reference, response_logits, response_logprobs
 from rlhf.ppo import (
     AdaptiveKLController,
     PolicyWithValue,
@@ -116,6 +116,24 @@ def test_logprobs_come_from_the_previous_position_at_the_temperature():
         p3 = torch.log_softmax(model(torch.tensor([[1, 2]]))[0][0, -1] / 0.7, -1)[3]
         p4 = torch.log_softmax(model(torch.tensor([[1, 2, 3]]))[0][0, -1] / 0.7, -1)[4]
     torch.testing.assert_close(got, torch.stack([p3, p4])[None], atol=1e-5, rtol=0)
+
+
+def test_logits_and_values_at_the_response_positions_only_are_those_of_the_full_pass():
+    """response_logits and PolicyWithValue(..., prompt_len) run the output layer and the value head only at the
+    positions P - 1 ... T - 2 that choose the response's tokens; they equal those columns of the full pass, in a
+    left-padded batch, and give the same log-probabilities."""
+    actor = actor_with_values()
+    tokens = torch.tensor([[PAD, PAD, 1, 2, 3, 4, EOS], [5, 1, 2, 3, 4, 5, 1]])  # prompts of 2 and 4 tokens, P = 4
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    with torch.no_grad():
+        full_logits, full_values = actor(tokens, mask)  # (2, 7, V), (2, 7)
+        logits, values = actor(tokens, mask, prompt_len=4)  # (2, 3, V), (2, 3)
+        ref_logits = response_logits(actor.policy, tokens, mask, 4)
+    assert logits.shape == (2, 3, 8) and values.shape == (2, 3)
+    torch.testing.assert_close(logits, full_logits[:, 3:6])  # positions 3, 4, 5 choose tokens 4, 5, 6
+    torch.testing.assert_close(values, full_values[:, 3:6])
+    torch.testing.assert_close(ref_logits, full_logits[:, 3:6])
+    torch.testing.assert_close(response_logprobs(logits, tokens, 4, 0.7), response_logprobs(full_logits, tokens, 4, 0.7))
 
 
 def test_kl_estimators():
