@@ -13,8 +13,8 @@ after the answer. The ground-truth rubric (tasks.ground_truth_score), which no s
 Each stage saves its model and a stage.json with the settings it ran with and the runs of the stages it was made
 from; a second run skips the stages already done with the same settings and refuses those done with others (--redo
 STAGE redoes one, --force all), so an interrupted pipeline resumes at the stage it was in and a changed one is never
-mixed with old models: a stage made from an earlier run of the stage before it (redone, or deleted and run again) is
-redone too.
+mixed with old models: a stage made from an earlier run of a stage before it (redone, or deleted and run again) is
+redone, and an interrupted one (its started.json records what it began with) starts afresh.
 
 The report has the four-stage table (data, algorithm, model, parameters, wall time), the SFT-vs-RL comparison on
 held-out prompts (ground-truth score, reward-model score, KL to the SFT model) with sample responses side by side,
@@ -78,27 +78,33 @@ def run_stage(out_dir: Path, name: str, fn, force: bool = False, settings: dict 
               made_from: dict | None = None) -> dict:
     """Run fn(mode) unless out_dir/name/stage.json says it is done; record its results, the settings it ran with,
     the runs it was made from (made_from: {earlier stage: its run_id}), a run_id of its own and its wall time there.
-    mode tells the stage to continue an interrupted run of it (a checkpoint is there), or to start afresh over
-    whatever an earlier attempt left (force redoes a finished stage). A finished stage made with other settings (or
-    by an older version, which recorded none) is refused, not silently reused; one made from other runs of the
-    stages before it is redone, as its inputs changed."""
+    mode tells the stage to continue an interrupted run of it (a checkpoint is there, begun with these settings on
+    these inputs: started.json), or to start afresh over whatever an earlier attempt left (force redoes a finished
+    stage). A stage made with other settings (or by an older version, which recorded none) is refused, not silently
+    reused; one made from other runs of the stages before it is redone, as its inputs changed."""
     folder = out_dir / name
-    marker = folder / "stage.json"
-    if marker.is_file():
-        done = json.loads(read_text(marker))
-        if done.get("made_from") != made_from:  # its inputs changed: redone with the settings given now
-            print(f"== {name}: made from an earlier run of {', '.join(made_from or {})}; redoing it")
+    marker, started = folder / "stage.json", folder / "started.json"
+    record = json.loads(read_text(marker)) if marker.is_file() else None
+    interrupted = record is None and any((folder / f).is_file() for f in ("ckpt.pt", "rl_state.pt"))
+    if interrupted:  # what it began with; an older version's run recorded nothing, and it began on unrecorded inputs
+        record = json.loads(read_text(started)) if started.is_file() else {"made_from": None}
+    if record is not None and not force:
+        changed = changed_inputs(record.get("made_from"), made_from)
+        if changed:
+            print(f"== {name}: made from an earlier run of {', '.join(changed)}; redoing it afresh")
             force = True
-        elif not force:
-            check_same_settings(folder, done.get("settings"), settings)
-            print(f"== {name}: done earlier, skipping (stage.json found; --redo {name} to redo)")
-            return done | {"skipped": True}
-    interrupted = not force and any((folder / f).is_file() for f in ("ckpt.pt", "rl_state.pt"))
-    mode = {"resume": interrupted, "overwrite": not interrupted}
-    print(f"== {name}" + (": continuing the interrupted run" if interrupted else ""))
-    marker.unlink(missing_ok=True)  # an interrupted redo must not pass for the run it replaces
+        elif not interrupted:
+            check_same_settings(folder, record.get("settings"), settings)
+            print(f"== {name}: done earlier, skipping (stage.json found; --redo {REDO.get(name, name)} to redo)")
+            return record | {"skipped": True}
+        elif "settings" in record:  # an interrupted run begun with other settings is refused too
+            check_same_settings(folder, record["settings"], settings)
+    resume = interrupted and not force
+    print(f"== {name}" + (": continuing the interrupted run" if resume else ""))
+    marker.unlink(missing_ok=True)  # a redo interrupted later must not pass for the run it replaces
+    write_json(started, {"settings": settings, "made_from": made_from})
     t0 = time.perf_counter()
-    results = fn(mode)
+    results = fn({"resume": resume, "overwrite": not resume})
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     if settings is not None:
         results["settings"] = settings
@@ -107,16 +113,23 @@ def run_stage(out_dir: Path, name: str, fn, force: bool = False, settings: dict 
     return results
 
 
+def changed_inputs(recorded: dict | None, current: dict | None) -> list[str]:
+    """The earlier stages whose run differs between what a stage was made from and what it would be made from now."""
+    recorded, current = recorded or {}, current or {}
+    return [dep for dep in dict.fromkeys([*current, *recorded]) if recorded.get(dep) != current.get(dep)]
+
+
 def check_same_settings(folder: Path, recorded: dict | None, settings: dict | None) -> None:
     """Refuse to reuse a finished stage whose recorded settings differ from this run's, naming each difference."""
     if settings is None or recorded == settings:
         return
     if recorded is None:
         raise ValueError(f"{folder} was made by an older version of the pipeline, which did not record its settings; "
-                         f"redo it with --redo {folder.name} (or every stage with --force), or pass another --out-dir")
+                         f"redo it with --redo {REDO.get(folder.name, folder.name)} (or every stage with --force), or "
+                         f"pass another --out-dir")
     diffs = ", ".join(f"{k}={recorded.get(k)!r} (now {v!r})" for k, v in settings.items() if recorded.get(k) != v)
-    raise ValueError(f"{folder} was made with other settings: {diffs}; redo it with --redo {folder.name} (or every "
-                     f"stage with --force), or pass another --out-dir")
+    raise ValueError(f"{folder} was made with other settings: {diffs}; redo it with --redo "
+                     f"{REDO.get(folder.name, folder.name)} (or every stage with --force), or pass another --out-dir")
 
 
 def stage_settings(s: Sizes, name: str, **options) -> dict:
@@ -195,6 +208,7 @@ def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str, rewar
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
 DEPENDS = {"pretrain": (), "sft": ("pretrain",), "reward": ("sft",), "ppo": ("sft", "reward")}
+REDO = {"ppo_beta0": "ppo"}  # --reward-hacking's second PPO run is redone with the first one
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -245,8 +259,8 @@ def build_parser():
     p.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run in about a minute")
     p.add_argument("--force", action="store_true", help="redo every stage, even those already done (a finished "
                    "stage is skipped when it was made with the sizes and options given now, refused otherwise)")
-    p.add_argument("--redo", choices=STAGES, help="redo this stage even if it is done; the stages after it, made "
-                   "from it, are redone too")
+    p.add_argument("--redo", choices=STAGES, help="redo this stage even if it is done (ppo: with --reward-hacking's "
+                   "beta = 0 run); each later stage, made from it, is redone when it runs")
     p.add_argument("--sft-method", default="full", help="full or a PEFT method (see python -m peft.train --help)")
     # a smaller beta or a larger rate buys fewer remarks at a larger KL, and on some SFT models lost accuracy, the
     # policy drifting on list tasks whose one-word errors the reward model cannot see (benchmarks/results/rl.md)
@@ -265,12 +279,6 @@ def made_from(results: dict, name: str) -> dict | None:
     """{earlier stage: its run_id} for the stages name is made from, as far as they recorded one (None: none did)."""
     ids = {dep: results[dep].get("run_id") for dep in DEPENDS[name] if dep in results}
     return {dep: i for dep, i in ids.items() if i is not None} or None
-
-
-def inputs_made_now(results: dict, name: str) -> bool:
-    """Whether a stage name is made from ran in this invocation: name then starts afresh, not from a checkpoint an
-    interrupted run of it left, which was made from the earlier inputs."""
-    return any(not results[dep].get("skipped") for dep in DEPENDS[name] if dep in results)
 
 
 def main(argv=None, sizes: Sizes | None = None) -> dict:
@@ -297,7 +305,7 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
     t0 = time.perf_counter()
     results = {}
     for name in wanted:
-        force = args.force or args.redo == name or inputs_made_now(results, name)
+        force = args.force or args.redo == name
         results[name] = run_stage(out, name, stages[name], force, settings[name], made_from(results, name))
     if len(wanted) < len(STAGES):
         print(f"pipeline stopped after {wanted[-1]} (--stages) in {time.perf_counter() - t0:.0f} s; in {out}")
@@ -306,7 +314,7 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
         def hacking(mode):
             return stage_ppo(out, s, progress, 0.0, "ppo_beta0", args.reward_fn, mode)
 
-        results["ppo_beta0"] = run_stage(out, "ppo_beta0", hacking, args.force or inputs_made_now(results, "ppo"),
+        results["ppo_beta0"] = run_stage(out, "ppo_beta0", hacking, args.force or args.redo == "ppo",
                                          stage_settings(s, "ppo", beta=0.0, reward=args.reward_fn),
                                          made_from(results, "ppo"))
     print(report(out, results))

@@ -42,13 +42,21 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     redone = main(["--out-dir", str(out), "--no-progress", "--redo", "reward"], sizes=TOY)
     printed = capsys.readouterr().out
-    assert printed.count("done earlier, skipping") == 2 and "== ppo: made from an earlier run of sft, reward" in printed
+    assert printed.count("done earlier, skipping") == 2 and "== ppo: made from an earlier run of reward; redoing" in printed
     assert redone["sft"]["run_id"] == results["sft"]["run_id"] != redone["reward"]["run_id"] != results["reward"][
         "run_id"]
     ppo_json = json.loads((out / "ppo" / "stage.json").read_text())
     assert ppo_json["made_from"] == {"sft": results["sft"]["run_id"], "reward": redone["reward"]["run_id"]}
     with pytest.raises(ValueError, match="--redo ppo: that stage is not among --stages pretrain,sft"):
         main(["--out-dir", str(out), "--no-progress", "--redo", "ppo", "--stages", "pretrain,sft"], sizes=TOY)
+    # --reward-hacking's beta = 0 run is made from the same stages as PPO, and --redo ppo redoes both
+    main(["--out-dir", str(out), "--no-progress", "--reward-hacking"], sizes=TOY)
+    beta0 = json.loads((out / "ppo_beta0" / "stage.json").read_text())
+    assert beta0["made_from"] == ppo_json["made_from"]
+    capsys.readouterr()
+    main(["--out-dir", str(out), "--no-progress", "--reward-hacking", "--redo", "ppo"], sizes=TOY)
+    assert capsys.readouterr().out.count("done earlier, skipping") == 3  # pretrain, sft, reward
+    assert json.loads((out / "ppo_beta0" / "stage.json").read_text())["run_id"] != beta0["run_id"]
 
 
 def test_an_interrupted_pretraining_stage_continues_with_the_gelu_it_was_built_with(tmp_path, monkeypatch):
@@ -169,7 +177,7 @@ def test_a_stage_made_from_another_run_of_the_stage_before_it_is_redone(tmp_path
     assert not (tmp_path / "reward" / "stage.json").exists()
 
 
-def test_what_each_stage_is_made_from_and_when_it_starts_afresh():
+def test_what_each_stage_is_made_from_and_which_of_those_changed():
     from rlhf import pipeline
 
     results = {"pretrain": {"run_id": "p", "skipped": True}, "sft": {"run_id": "s"}, "reward": {"skipped": True}}
@@ -177,5 +185,44 @@ def test_what_each_stage_is_made_from_and_when_it_starts_afresh():
     assert pipeline.made_from(results, "sft") == {"pretrain": "p"}
     assert pipeline.made_from(results, "ppo") == {"sft": "s"}  # a reward stage of an older version recorded no id
     assert pipeline.made_from({"pretrain": {}}, "sft") is None
-    assert not pipeline.inputs_made_now(results, "sft")  # pretraining was skipped
-    assert pipeline.inputs_made_now(results, "reward") and pipeline.inputs_made_now(results, "ppo")  # SFT ran now
+    assert pipeline.changed_inputs({"sft": "s", "reward": "r"}, {"sft": "s", "reward": "q"}) == ["reward"]
+    assert pipeline.changed_inputs(None, {"sft": "s"}) == ["sft"] and pipeline.changed_inputs({"sft": "s"}, None) == [
+        "sft"]
+    assert pipeline.changed_inputs(None, None) == [] and pipeline.changed_inputs({"sft": "s"}, {"sft": "s"}) == []
+
+
+def test_an_interrupted_stage_continues_only_on_the_inputs_and_settings_it_began_with(tmp_path, capsys):
+    import pytest
+
+    from rlhf import pipeline
+
+    folder, calls = tmp_path / "reward", []
+
+    class Stopped(Exception):
+        pass
+
+    def interrupted_stage(mode):  # leaves a checkpoint, then stops as Ctrl-C would
+        calls.append(mode)
+        (folder / "ckpt.pt").write_bytes(b"")
+        raise Stopped
+
+    settings = pipeline.stage_settings(TOY, "reward")
+    resume, afresh = {"resume": True, "overwrite": False}, {"resume": False, "overwrite": True}
+
+    def run(made_from, stage_settings=settings):
+        with pytest.raises(Stopped):
+            pipeline.run_stage(tmp_path, "reward", interrupted_stage, settings=stage_settings, made_from=made_from)
+        return calls[-1]
+
+    assert run({"sft": "a"}) == afresh and not (folder / "stage.json").exists()
+    assert run({"sft": "a"}) == resume  # begun on the same SFT run: it continues
+    assert run({"sft": "b"}) == afresh  # the SFT stage was redone since: its checkpoint is of the old SFT model
+    assert "== reward: made from an earlier run of sft; redoing it afresh" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"reward_iters=6 \(now 7\); redo it with --redo reward"):
+        pipeline.run_stage(tmp_path, "reward", interrupted_stage, settings=settings | {"reward_iters": 7},
+                           made_from={"sft": "b"})
+    # a run of an older version recorded neither: it continues, unless the stage before it has been redone since
+    (folder / "started.json").unlink()
+    assert run(None) == resume
+    (folder / "started.json").unlink()
+    assert run({"sft": "c"}) == afresh
