@@ -256,3 +256,34 @@ def test_a_mixed_task_batch_keeps_its_rows(monkeypatch):
         with peft.task_ids(model, [tasks[b]]):
             alone = engine.complete(model, [prompts[b]], 24, EOS, PAD, temperature=0)
         assert greedy.responses()[b] == alone.responses()[0]
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p_and_a_large_top_k_keeps_all():
+    """sampling_logits by hand on four tokens of probabilities 0.15, 0.5, 0.05, 0.3 (not in sorted order)."""
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    for top_p, kept in [(0.4, [0, 1, 0, 0]), (0.7, [0, 0.5, 0, 0.3]), (0.9, [0.15, 0.5, 0, 0.3])]:
+        expected = torch.tensor([kept]) / sum(kept)
+        got = engine.sampling_logits(probs.log(), 1.0, top_p=top_p).softmax(-1)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    for top_k in (4, 10):  # the whole vocabulary, or more than it
+        torch.testing.assert_close(engine.sampling_logits(probs.log(), 1.0, top_k=top_k).softmax(-1), probs)
+
+
+def test_sampled_tokens_follow_the_tempered_top_k_distribution():
+    """20,000 draws at temperature 2 with top_k 3: frequencies within 0.02 of p ** (1 / 2) over the top three."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    tokens = engine.sample_next_token(probs.log().expand(20_000, 4), temperature=2.0, top_k=3,
+                                      generator=torch.Generator().manual_seed(0))
+    weights = torch.tensor([0.5 ** 0.5, 0.3 ** 0.5, 0.15 ** 0.5, 0.0])
+    torch.testing.assert_close(torch.bincount(tokens, minlength=4) / 20_000, weights / weights.sum(), atol=0.02, rtol=0)
+
+
+def test_generate_fills_a_finished_row_with_pad_or_else_eos():
+    """Row 0 greedily emits 3, 3, 12: with eos 12 its later tokens are pad_token_id (eos when there is none)."""
+    model = tiny_gpt(32).eval()
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    first, second = greedy_by_hand(model, [1, 2, 3], 6), greedy_by_hand(model, [4, 5, 6], 6)
+    assert first[:3] == [3, 3, 12] and 12 not in second  # row 1 never finishes
+    for pad, fill in [(PAD, PAD), (None, 12)]:
+        out = engine.generate(model, idx, 6, temperature=0, eos_token_id=12, pad_token_id=pad)
+        assert out[:, 3:].tolist() == [[3, 3, 12, fill, fill, fill], second], pad

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_gpt
 
-from minigpt import engine, tasks
+from minigpt import CharTokenizer, engine, tasks
 from rlhf.evaluate import evaluate_policy, fmt, gain, mean_se, over_seeds, sequence_kl, summarize
-from rlhf.reward_model import RewardModel
-from rlhf.rewards import checker_reward, make_reward, reward_model_reward, summed
+from rlhf.reward_model import RewardModel, save_reward_model
+from rlhf.rewards import checker_reward, make_reward, open_reward_model, reward_model_reward, summed
 
 EOS, PAD = 30, 31
 
@@ -163,3 +163,40 @@ def test_evaluate_policy_books_each_sample_to_its_prompt(monkeypatch):
     assert per["sampled_accuracy"] == [0.5, 0.5, 0.5] and per["pass_at_k"] == [1.0, 1.0, 1.0]
     assert per["remarks"] == [0.5, 0.0, 0.0] and per["truncated"] == [0.0, 0.5, 0.0]
     assert per["response_len"] == [(2 + 7) / 2, (3 + 7) / 2, 2.0]  # response tokens up to and with eos
+
+
+def test_each_response_is_checked_against_its_own_answer_even_when_cut_off():
+    """Prompts with different answers; the last response has no eos and is scored on its text ("12 I think": 0.5)."""
+    gen = generation([[0, EOS], [1, EOS], [2, 3, EOS], [0, 7, 8]])
+    examples = [{"output": "12"}, {"output": "13"}, {"output": "the garden"}, {"output": "12"}]
+    assert checker_reward(WordTokenizer())(gen, examples).tolist() == [1.0, 1.0, 1.0, 0.5]
+    assert checker_reward(WordTokenizer(), exact=True)(gen, examples).tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_make_reward_builds_each_kind_from_the_reward_model_and_the_rubric():
+    """reward_model: r_phi alone, without a graph; checker: the graded rubric; exact: 1 or 0; both: r_phi + rubric."""
+    rm = RewardModel(tiny_gpt(32)).eval()
+    responses = [[0, EOS], [1, EOS], [2, 3, EOS], [0, 7, 8]]
+    gen, examples = generation(responses), [{"output": "12"}, {"output": "13"}, {"output": "the garden"}, {"output": "12"}]
+    with torch.no_grad():
+        alone = [rm(torch.tensor([[1, 1] + r])).item() for r in responses]
+    rubric, exact = [1.0, 1.0, 1.0, 0.5], [1.0, 1.0, 1.0, 0.0]
+    expected = {"reward_model": alone, "checker": rubric, "exact": exact, "both": [a + s for a, s in zip(alone, rubric)]}
+    for kind, values in expected.items():
+        got = make_reward(kind, WordTokenizer(), rm)(gen, examples)
+        assert got.tolist() == pytest.approx(values, abs=1e-5) and not got.requires_grad, kind
+    with pytest.raises(ValueError, match="reward must be one of"):
+        make_reward("rm", WordTokenizer(), rm)
+
+
+def test_open_reward_model_loads_it_when_used_or_present_and_refuses_another_tokenizer(tmp_path):
+    """None for a checker run without a reward model; the frozen model when the run uses it or it is there anyway."""
+    tok = CharTokenizer.train("abcdef")
+    save_reward_model(RewardModel(tiny_gpt(tok.vocab_size, block_size=16)), tok, tmp_path / "reward")
+    assert open_reward_model(None, "checker", tok, "cpu") is None
+    assert open_reward_model(tmp_path / "absent", "exact", tok, "cpu") is None
+    for kind in ("checker", "both"):
+        rm = open_reward_model(tmp_path / "reward", kind, tok, "cpu")
+        assert isinstance(rm, RewardModel) and not any(p.requires_grad for p in rm.parameters()), kind
+    with pytest.raises(ValueError, match="they must be the same"):
+        open_reward_model(tmp_path / "reward", "reward_model", CharTokenizer.train("xyz"), "cpu")
