@@ -84,6 +84,9 @@ def open_reward_model(path, kind: str, tokenizer, device):
 
     if kind not in ("reward_model", "both") and not (path and Path(path).exists()):
         return None
+    if not path:
+        raise ValueError(f"the reward {kind!r} needs a reward model, and none was given: pass --reward (a folder "
+                         f"written by python -m rlhf.reward_model), or --reward-fn checker")
     rm, rm_tokenizer = load_reward_model(path)
     if rm_tokenizer.to_dict() != tokenizer.to_dict():
         raise ValueError(f"the reward model {path} uses tokenizer {rm_tokenizer.name!r}, the policy uses "

@@ -200,3 +200,6 @@ def test_open_reward_model_loads_it_when_used_or_present_and_refuses_another_tok
         assert isinstance(rm, RewardModel) and not any(p.requires_grad for p in rm.parameters()), kind
     with pytest.raises(ValueError, match="they must be the same"):
         open_reward_model(tmp_path / "reward", "reward_model", CharTokenizer.train("xyz"), "cpu")
+    for kind in ("reward_model", "both"):  # a reward that needs the model, without one: said, not a TypeError
+        with pytest.raises(ValueError, match=f"the reward '{kind}' needs a reward model, and none was given"):
+            open_reward_model(None, kind, tok, "cpu")
