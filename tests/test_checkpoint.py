@@ -9,7 +9,7 @@ from conftest import save_folder, tiny_gpt
 
 import peft
 from minigpt import checkpoint, tasks
-from minigpt.checkpoint import load, load_checkpoint, save_checkpoint
+from minigpt.checkpoint import load, load_checkpoint, load_resume_checkpoint, save_checkpoint
 from minigpt.pretrained import save_gpt2
 from minigpt.tokenizer import BPETokenizer, gpt2_byte_encoder
 from rlhf.reward_model import RewardModel, load_reward_model, save_reward_model
@@ -58,12 +58,113 @@ def test_an_adapter_folder_opens_on_its_base_even_after_both_move(tmp_path, bpe_
 
 
 def test_a_training_checkpoint_and_a_run_folder_open_too(tmp_path, bpe_tok):
+    model, latest = tiny_gpt(bpe_tok.vocab_size), tiny_gpt(bpe_tok.vocab_size, seed=1)
+    for name, m in (("best.pt", model), ("ckpt.pt", latest)):
+        info = checkpoint.describe(m, "pretrain", template=tasks.TEMPLATE)
+        save_checkpoint(tmp_path / "run" / name, {"model": m.state_dict(), "tokenizer": bpe_tok.to_dict(),
+                                                  "optimizer": {}, **info})
+    for path in (tmp_path / "run" / "best.pt", tmp_path / "run"):  # a run folder opens its best.pt, not ckpt.pt
+        loaded = load(path)
+        assert torch.equal(logits(loaded.model), logits(model))
+        assert loaded.info["path"] == str(tmp_path / "run" / "best.pt") and loaded.info["template"] == tasks.TEMPLATE
+
+
+def test_resume_reads_ckpt_pt_and_falls_back_to_best_pt_only_when_it_is_damaged(tmp_path, capsys):
+    """ckpt.pt (the latest iteration) is what a run resumes from; a damaged one gives way to best.pt, with a warning."""
+    save_checkpoint(tmp_path / "ckpt.pt", {"iter": 7})
+    save_checkpoint(tmp_path / "best.pt", {"iter": 4})
+    assert load_resume_checkpoint(tmp_path)["iter"] == 7 and capsys.readouterr().out == ""
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    assert load_resume_checkpoint(tmp_path)["iter"] == 4
+    out = capsys.readouterr().out
+    assert "is empty (0 bytes)" in out and "continuing from best.pt instead (iteration 4)" in out
+    (tmp_path / "best.pt").unlink()
+    with pytest.raises(ValueError, match="is empty"):
+        load_resume_checkpoint(tmp_path)
+
+
+def test_a_peft_run_checkpoint_opens_on_its_base_and_a_changed_base_is_refused(tmp_path, bpe_tok):
+    """A checkpoint of the trained tensors only (save_trainable_only) goes on its base; a base since changed is refused."""
+    base = tiny_gpt(bpe_tok.vocab_size)
+    save_folder(tmp_path / "base", base, bpe_tok)
+    peft.get_peft_model(base, peft.LoraConfig(r=2))
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    trainable = {n for n, p in base.named_parameters() if p.requires_grad}
+    info = checkpoint.describe(base, "sft", base=tmp_path / "base", where=tmp_path / "run")
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", {"model": {k: v for k, v in base.state_dict().items() if k in
+                                                             trainable}, "tokenizer": bpe_tok.to_dict(), **info})
+    assert torch.equal(logits(load(tmp_path / "run" / "ckpt.pt").model), logits(base))
+    save_folder(tmp_path / "base", tiny_gpt(bpe_tok.vocab_size, layer_norm_eps=1e-3), bpe_tok)
+    with pytest.raises(ValueError, match="but the adapter was trained on"):
+        load(tmp_path / "run" / "ckpt.pt")
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_refused_before_its_weights_are_read(tmp_path):
+    """expect= holds for training checkpoints too, older ones with a "reward_model" flag instead of "kind" included."""
+    save_checkpoint(tmp_path / "rm.pt", {"model": {}, "model_config": {}, "tokenizer": {}, "stage": "reward",
+                                         "reward_model": True})
+    with pytest.raises(ValueError, match=r"rm.pt is a reward model \(stage 'reward'\); expected a language model"):
+        load(tmp_path / "rm.pt", expect="gpt")
+    save_checkpoint(tmp_path / "lm.pt", {"model": {}, "model_config": {}, "tokenizer": {}, "stage": "sft"})
+    with pytest.raises(ValueError, match=r"lm.pt is a language model \(stage 'sft'\); expected a reward model"):
+        load(tmp_path / "lm.pt", expect="reward")
+
+
+def test_a_model_folder_missing_a_weight_is_refused(tmp_path, bpe_tok):
+    """Only tied aliases may be absent from model.safetensors: a missing weight is an error, frozen PEFT ones too."""
+    from safetensors.torch import load_file, save_file
+
+    lora = tiny_gpt(bpe_tok.vocab_size)
+    peft.get_peft_model(lora, peft.LoraConfig(r=2))  # saved without a base: every weight, fc frozen
+    for name, model in (("plain", tiny_gpt(bpe_tok.vocab_size)), ("lora", lora)):
+        folder = save_folder(tmp_path / name, model, bpe_tok)
+        state = load_file(str(folder / "model.safetensors"))
+        save_file({k: v for k, v in state.items() if k != "encoder.blocks.0.mlp.fc.weight"},
+                  str(folder / "model.safetensors"))
+        with pytest.raises(ValueError, match=r"do not fit .*missing \['encoder.blocks.0.mlp.fc.weight'\]"):
+            load(folder)
+
+
+def test_resaving_a_folder_in_the_other_form_leaves_only_that_forms_weights(tmp_path, bpe_tok):
+    """An adapter written over a full model's folder removes its model.safetensors, and the other way round."""
     model = tiny_gpt(bpe_tok.vocab_size)
-    info = checkpoint.describe(model, "pretrain")
-    save_checkpoint(tmp_path / "run" / "best.pt", {"model": model.state_dict(), "tokenizer": bpe_tok.to_dict(),
-                                                   "optimizer": {}, **info})
-    for path in (tmp_path / "run" / "best.pt", tmp_path / "run"):
-        assert torch.equal(logits(load(path).model), logits(model))
+    save_folder(tmp_path / "base", model, bpe_tok)
+    peft.get_peft_model(model, peft.LoraConfig(r=2))
+    folder = save_folder(tmp_path / "sft", model, bpe_tok)
+    save_folder(folder, model, bpe_tok, base=tmp_path / "base")
+    assert {p.name for p in folder.iterdir()} == {"model.json", "adapter.safetensors", "tokenizer.json"}
+    save_folder(folder, model, bpe_tok)
+    assert {p.name for p in folder.iterdir()} == {"model.json", "model.safetensors", "tokenizer.json"}
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_a_write_that_fails_leaves_the_previous_checkpoint_and_no_model_json(tmp_path, bpe_tok, monkeypatch):
+    """A crash mid-write keeps the old checkpoint readable; a folder cut off mid-save has no model.json (incomplete)."""
+    import safetensors.torch
+
+    save_checkpoint(tmp_path / "ckpt.pt", {"iter": 1})
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save_checkpoint(tmp_path / "ckpt.pt", {"iter": 2, "bad": Unpicklable()})
+    assert load_checkpoint(tmp_path / "ckpt.pt") == {"iter": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    model = tiny_gpt(bpe_tok.vocab_size)
+    save_folder(tmp_path / "m", model, bpe_tok)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_folder(tmp_path / "m", model, bpe_tok)
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        load(tmp_path / "m")
 
 
 def test_a_reward_model_opens_as_a_reward_model_and_is_refused_as_a_language_model(tmp_path, bpe_tok):

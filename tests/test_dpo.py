@@ -10,7 +10,15 @@ from conftest import save_folder, tiny_gpt
 from test_ppo import EOS, PAD, TOK, prompts
 
 from minigpt.data import labelled_lengths, length_groups
-from rlhf.dpo import collate, dpo_loss, encode_pair, on_policy_pairs, reference_logprobs, sequence_logprobs
+from rlhf.dpo import (
+    collate,
+    dpo_loss,
+    encode_pair,
+    encode_text_pairs,
+    on_policy_pairs,
+    reference_logprobs,
+    sequence_logprobs,
+)
 from rlhf.policy import make_reference
 from rlhf.reward_model import bradley_terry_loss
 
@@ -31,6 +39,19 @@ def test_the_loss_is_ln2_when_the_policy_is_the_reference_and_bradley_terry_on_t
     assert m["rewards_margin"].item() == pytest.approx((r_c - r_r).mean().item(), rel=1e-6)
     assert m["logps_chosen"].item() == pytest.approx(pi_c.mean().item(), rel=1e-6)
 
+
+def test_the_logged_implicit_rewards_and_log_likelihoods_by_hand():
+    """rewards/chosen and rewards/rejected are the means of beta (log pi - log pi_ref), logps/rejected the mean of
+    log pi(y_r), and a tie is not counted as accurate (trl: chosen > rejected)."""
+    pi_c, ref_c = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.5, -1.0, -3.0])
+    pi_r, ref_r = torch.tensor([-2.0, -2.0, -3.0]), torch.tensor([-2.5, -1.0, -2.0])
+    _, m = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5)
+    # implicit rewards: chosen 0.25, -0.5, 0; rejected 0.25, -0.5, -0.5: two ties, one pair ordered right
+    assert m["rewards_chosen"].item() == pytest.approx((0.25 - 0.5 + 0) / 3)
+    assert m["rewards_rejected"].item() == pytest.approx((0.25 - 0.5 - 0.5) / 3)
+    assert m["rewards_accuracy"].item() == pytest.approx(1 / 3)
+    assert m["rewards_margin"].item() == pytest.approx(0.5 / 3)
+    assert m["logps_rejected"].item() == pytest.approx(-7 / 3)
 
 def test_summed_logprobs_of_a_padded_batch_equal_each_response_alone_with_the_prompt_masked():
     model = tiny_gpt(8).eval()
@@ -60,6 +81,42 @@ def test_a_prompt_too_long_is_cut_from_the_left_and_a_response_too_long_is_refus
     with pytest.raises(ValueError, match="pair 3: a response of 7 tokens does not fit the context of 6"):
         encode_pair([1], [1] * 7, [2], block_size=6, index=3)
 
+
+def test_text_pairs_are_the_templated_prompt_then_each_response_and_its_eos():
+    """encode_text_pairs: prompt in the template, then the response and eos, the labels -100 on the prompt only."""
+    from minigpt import CharTokenizer, tasks
+
+    tok = CharTokenizer.train(tasks.format_prompt("Say hi.") + "xyz")
+    (enc,) = encode_text_pairs(tok, [{"prompt": "Say hi.", "chosen": "x", "rejected": "yz"}], 256, tasks.TEMPLATE)
+    prompt = tok.encode(tasks.format_prompt("Say hi."))
+    for tokens, labels, response in ((enc[0], enc[1], "x"), (enc[2], enc[3], "yz")):
+        full = prompt + tok.encode(response) + [tok.eos_token_id]
+        assert tokens == full[:-1] and labels == [-100] * (len(prompt) - 1) + full[len(prompt):]
+
+
+def test_the_reference_of_a_lora_policy_is_its_base_model_and_the_policy_keeps_its_mode():
+    """reference_logprobs with no reference: the adapters off (the base model's sums), the policy left in train mode."""
+    import copy
+
+    import peft
+
+    model = tiny_gpt(8)
+    base = copy.deepcopy(model).eval()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8))
+    with torch.no_grad():  # B = 0 at first: move the adapters so that the policy is not its base
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    model.train()
+    encoded = [encode_pair([1, 2], [3, EOS], [4, 4, EOS], 64)]
+    ref = torch.cat(reference_logprobs(model, encoded, PAD))
+    assert model.training
+    with torch.no_grad():
+        policy = sequence_logprobs(model, *collate(encoded, PAD).values())
+        for got, own, resp in zip(ref.tolist(), policy.tolist(), ([3, EOS], [4, 4, EOS])):
+            logp = torch.log_softmax(base(torch.tensor([[1, 2] + resp]))[0][0], -1)
+            expected = sum(logp[1 + t, tok] for t, tok in enumerate(resp)).item()
+            assert got == pytest.approx(expected, abs=1e-4) and abs(own - expected) > 1e-2
 
 def test_the_gradient_is_beta_sigmoid_of_minus_the_margin_times_the_difference_of_gradients():
     model = tiny_gpt(8)
@@ -118,6 +175,22 @@ def test_on_policy_pairs_put_the_better_sample_first():
         assert tasks.ground_truth_score(ex, text(chosen)) > tasks.ground_truth_score(ex, text(rejected))
 
 
+def test_on_policy_pairs_skip_prompts_whose_samples_all_score_the_same():
+    """Greedy samples are all alike: no prompt has a better and a worse response, so there is no pair."""
+    examples = [dict(p, output="3") for p in prompts([1], [2], [1, 1], [4])]
+    pairs, stats = on_policy_pairs(tiny_gpt(8, seed=4), TOK, examples, k=4, max_new_tokens=2, temperature=0.0)
+    assert pairs == [] and stats["pairs"] == 0 and stats["samples"] == 16
+
+
+def test_on_policy_responses_keep_the_eos_they_sampled():
+    """A sampled response shorter than max_new_tokens stopped at eos, and the pair keeps that eos (the last token)."""
+    examples = [dict(p, output="3") for p in prompts([1], [2], [1, 1], [4])]
+    pairs, _ = on_policy_pairs(tiny_gpt(8, seed=4), TOK, examples, k=8, max_new_tokens=2, temperature=1.5, seed=0)
+    responses = [r for _, c, rej in pairs for r in (c, rej)]
+    assert any(r[-1:] == [EOS] for r in responses)
+    for r in responses:
+        assert EOS not in r[:-1] and (r[-1:] == [EOS] or len(r) == 2), r
+
 @pytest.mark.parametrize("pairs", ["file", "on_policy"])
 def test_the_cli_trains_and_logs_what_trl_logs(tmp_path, pairs):
     import json
@@ -146,6 +219,7 @@ def test_the_cli_trains_and_logs_what_trl_logs(tmp_path, pairs):
             "train_logps_chosen", "train_logps_rejected"} <= set(metrics[-1])
     assert metrics[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # at first the policy is the reference
     last_eval = [m for m in metrics if m["val_loss"] is not None][-1]
-    assert abs(last_eval["val_loss"] - math.log(2)) > 1e-4 and last_eval["val_rewards_margin"] != 0
+    # trained on the chosen over the rejected: the held-out pairs move the same way
+    assert last_eval["val_loss"] < math.log(2) and last_eval["val_rewards_margin"] > 0
     assert (tmp_path / "dpo" / "dpo.png").is_file() and results["n_train_pairs"] > 0
     assert checkpoint.load(tmp_path / "dpo").info["stage"] == "dpo"

@@ -200,6 +200,13 @@ def test_head_init_statistics():
     assert head.bias.item() == 0.0 and head.weight.shape == (1, 40_000)
 
 
+def test_head_init_std_is_one_over_sqrt_c_plus_1_for_a_small_c():
+    """At C = 3 the +1 matters: std 1/2, not 1/sqrt(3) (6,000 weights: a standard error of about 1%)."""
+    torch.manual_seed(0)
+    w = torch.cat([value_head(3).weight.flatten() for _ in range(2000)]).tolist()
+    assert statistics.pstdev(w) == pytest.approx(1 / math.sqrt(3 + 1), rel=0.05)
+
+
 def test_dropout_is_disabled_and_buffers_start_at_identity(tok):
     torch.manual_seed(0)
     rm = RewardModel(GPT(preset("tiny", vocab_size=tok.vocab_size, dropout=0.3)))
@@ -254,6 +261,15 @@ def test_pair_metrics_by_hand():
     assert m["accuracy_by_kind"] == {"a": 1.0, "b": 0.5}
 
 
+def test_pair_metrics_use_the_margins_in_the_loss_only_and_count_a_tie_as_no_win():
+    """val_loss subtracts each pair's margin; mean_margin is the plain mean of r_c - r_r; a tie wins no kind."""
+    rc, rr, margin = [2.0, 0.5, 1.0, -1.0], [1.0, 0.5, 3.0, -1.5], [0.5, 0.0, 1.0, 2.0]
+    m = pair_metrics(torch.tensor(rc), torch.tensor(rr), torch.tensor(margin), kinds=["a", "a", "b", "b"])
+    assert m["val_loss"] == pytest.approx(sum(hand_nll(c - r - g) for c, r, g in zip(rc, rr, margin)) / 4, rel=1e-6)
+    assert m["mean_margin"] == pytest.approx(sum(c - r for c, r in zip(rc, rr)) / 4)
+    assert m["accuracy"] == 0.5 and m["accuracy_by_kind"] == {"a": 0.5, "b": 0.5}  # pair 1 is a tie
+
+
 # -- normalisation ---------------------------------------------------------------------------------------------
 
 
@@ -284,6 +300,20 @@ def test_normalize_refuses_constant_rewards(tok):
         normalize(rm, batches)
 
 
+def test_normalizing_a_model_already_scaled_reads_the_head_not_its_rewards(tok):
+    """gain and bias come from w . h + b whatever they were before: the rewards end at mean 0 and std 1 again."""
+    rm = tiny_rm(tok, seed=1)
+    rm.gain.fill_(3.0)
+    rm.bias.fill_(2.0)
+    prompts = ["What is 2 + 3?", "Sort the words: sun, cat", "Reverse the list: a, b, c", "What is 9 + 1?"]
+    responses = [tok.encode(r) for r in ("5", "cat, sun", "c, b, a", "10 and more")]
+    normalize(rm, reference_batches(tok, prompts, responses, rm.block_size, batch_size=3))
+    with torch.no_grad():  # each sequence scored alone, unpadded
+        r = [rm(torch.tensor([tok.encode(p) + a + [tok.eos_token_id]])).item() for p, a in zip(prompts, responses)]
+    assert statistics.fmean(r) == pytest.approx(0.0, abs=1e-5)
+    assert statistics.pstdev(r) == pytest.approx(1.0, rel=1e-4)
+
+
 # -- saving, loading, PEFT ---------------------------------------------------------------------------------------
 
 
@@ -300,6 +330,19 @@ def test_save_and_load_round_trip_keeps_rewards_and_normalisation(tmp_path, tok)
     save_checkpoint(tmp_path / "lm.pt", {"model": {}, "stage": "sft", "model_config": {}, "tokenizer": {}})
     with pytest.raises(ValueError, match="is a language model \\(stage 'sft'\\); expected a reward model"):
         load_reward_model(tmp_path / "lm.pt")
+
+
+def test_a_loaded_reward_model_is_frozen_and_a_missing_head_tensor_is_refused(tmp_path, tok):
+    """load_reward_model gives a frozen model in eval mode; a folder lacking one of the head's tensors is refused."""
+    from safetensors.torch import load_file, save_file
+
+    save_reward_model(tiny_rm(tok), tok, tmp_path / "reward")
+    loaded, _ = load_reward_model(tmp_path / "reward")
+    assert not any(m.training for m in loaded.modules()) and not any(p.requires_grad for p in loaded.parameters())
+    weights = tmp_path / "reward" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if k != "gain"}, str(weights))
+    with pytest.raises(ValueError, match=r"the reward head does not fit \(missing \['gain'\]"):
+        load_reward_model(tmp_path / "reward")
 
 
 def test_lora_backbone_trains_only_lora_and_head_and_saves_merged(tmp_path, tok):
@@ -359,6 +402,19 @@ def test_short_run_on_built_in_pairs_beats_chance(tmp_path, tok, pairs):
     assert abs(before["accuracy"] - 0.5) < 0.1 and after["accuracy"] >= 0.6 and after["mean_margin"] > 0
     assert after["accuracy_by_kind"]["extra text"] >= 0.85  # the answer followed by more text is worse
     assert after["val_loss"] < before["val_loss"] - 0.05
+
+
+def test_training_loss_is_bradley_terry_with_margin_and_centring_on_the_templated_pairs(tmp_path, tok):
+    """The loop's first training loss is -log sigmoid(r_c - r_r - m) + c (r_c + r_r)^2 of the prompt in the template."""
+    rm = tiny_rm(tok, seed=5)
+    pair = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "5 and more", "margin": 0.5}
+    prompt = tok.encode("### Instruction:\nWhat is 2 + 3?\n### Response:\n")
+    with torch.no_grad():  # before the first step, each response scored alone
+        r_c, r_r = (rm(torch.tensor([prompt + tok.encode(a) + [tok.eos_token_id]])).item() for a in ("5", "5 and more"))
+    cfg = TrainConfig(max_iters=1, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_iters=0, weight_decay=0.0,
+                      eval_interval=1, eval_iters=1, out_dir=str(tmp_path), device="cpu", progress=False, plot=False)
+    rows = train_reward_model(rm, tok, [pair] * 3, [pair], cfg, center_coef=0.3, template=tasks.TEMPLATE)
+    assert rows[0]["train_loss"] == pytest.approx(hand_nll(r_c - r_r - 0.5) + 0.3 * (r_c + r_r) ** 2, rel=1e-5)
 
 
 def test_cli_writes_every_output(tmp_path, tok, pairs, monkeypatch):
