@@ -141,7 +141,8 @@ def check_sampling(temperature: float, top_k: int | None = None, top_p: float | 
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy decoding), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
 
 

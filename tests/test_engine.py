@@ -79,7 +79,9 @@ def test_sampling_settings_are_refused_by_name():
     idx = torch.tensor([[1]])
     for kwargs, match in [({"temperature": float("nan")}, "temperature must be a finite number"),
                           ({"temperature": -1.0}, "temperature must be"), ({"top_k": 0}, "top_k must be"),
-                          ({"top_p": 1.5}, "top_p must be in")]:
+                          ({"top_p": 1.5}, "top_p must be in"), ({"top_p": True}, "top_p must be in"),
+                          ({"top_p": 0.0}, "top_p must be in"), ({"top_p": float("nan")}, "top_p must be in"),
+                          ({"top_k": True}, "top_k must be"), ({"temperature": True}, "temperature must be")]:
         with pytest.raises(ValueError, match=match):
             engine.generate(model, idx, 2, **kwargs)
     too_long = "a prompt of 60 tokens plus max_new_tokens=10 exceeds the model's context of 64"
