@@ -121,6 +121,9 @@ def response_logprobs(logits, tokens, prompt_len: int, temperature: float = 1.0)
     positions only (response_logits); tokens (B, P + R) -> (B, R)."""
     if logits.size(1) == tokens.size(1):
         logits = logits[:, prompt_len - 1 : -1]  # (B, R, V): positions P - 1 ... P + R - 2
+    elif logits.size(1) != tokens.size(1) - prompt_len:
+        raise ValueError(f"logits cover {logits.size(1)} positions; expected {tokens.size(1)} (every position) or "
+                         f"{tokens.size(1) - prompt_len} (the response's, after a prompt of {prompt_len})")
     actions = tokens[:, prompt_len:]  # (B, R)
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, actions[..., None]).squeeze(-1)
 

@@ -198,7 +198,7 @@ class PolicyWithValue(nn.Module):
             h = h[:, prompt_len - 1 : -1]  # (B, R, C)
         logits = self.policy.output_layer(h)  # (B, T or R, V)
         # the value head reads the policy's features but sends no gradient into them (see the module docstring)
-        values = self.value_head(self.policy.output_layer.ln_f(h).detach()).squeeze(-1)  # (B, T)
+        values = self.value_head(self.policy.output_layer.ln_f(h).detach()).squeeze(-1)  # (B, T or R)
         return logits, values
 
 

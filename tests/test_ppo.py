@@ -134,6 +134,8 @@ def test_logits_and_values_at_the_response_positions_only_are_those_of_the_full_
     torch.testing.assert_close(values, full_values[:, 3:6])
     torch.testing.assert_close(ref_logits, full_logits[:, 3:6])
     torch.testing.assert_close(response_logprobs(logits, tokens, 4, 0.7), response_logprobs(full_logits, tokens, 4, 0.7))
+    with pytest.raises(ValueError, match="logits cover 5 positions; expected 7 .* or 3"):
+        response_logprobs(full_logits[:, 1:6], tokens, 4, 0.7)  # neither every position nor the response's
 
 
 def test_kl_estimators():
