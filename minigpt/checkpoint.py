@@ -203,9 +203,8 @@ def load(path, expect: str | None = None) -> Loaded:
     or "reward" refuses the other kind, saying what was found, before any weights are read."""
     where, path = locate(path)
     if where == "gpt2":
-        loaded = _load_gpt2(path)
-        _check_kind(loaded.info, expect, path)
-        return loaded
+        _check_kind({"kind": "gpt", "stage": "gpt2 folder"}, expect, path)  # a GPT-2 folder is a language model
+        return _load_gpt2(path)
     if where == "folder":
         info = _read_json(path / "model.json")
         _check_kind(info, expect, path)
@@ -224,6 +223,10 @@ def load(path, expect: str | None = None) -> Loaded:
     if "model" not in ckpt or "model_config" not in ckpt or "tokenizer" not in ckpt:
         raise ValueError(f"{path} is a PyTorch file but not a checkpoint of this project (it lacks "
                          f"{[k for k in ('model', 'model_config', 'tokenizer') if k not in ckpt]})")
+    if info["peft"] and info["base"] is None and ckpt.get("train_config", {}).get("save_trainable_only"):
+        raise ValueError(f"{path} is a training checkpoint holding only the {info['peft']['method']} tensors of "
+                         f"{_what(info)}, with no base model recorded; open the finished run's folder (its "
+                         f"model.json), or continue the run with --resume")
     return _build(info, ckpt["model"], tokenizer_from_dict(ckpt["tokenizer"]), path.parent, path, trainable_only=True)
 
 

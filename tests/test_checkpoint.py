@@ -236,3 +236,12 @@ def test_gpt2_settings_this_model_does_not_compute_are_refused(tmp_path, bpe_tok
     (tmp_path / "config.json").write_text(json.dumps(config | {setting: value}))
     with pytest.raises(ValueError, match=setting):
         load(tmp_path)
+
+
+def test_a_gpt2_folder_is_refused_as_a_reward_model_before_its_weights_are_read(tmp_path, bpe_tok):
+    save_gpt2(tiny_gpt(bpe_tok.vocab_size), tmp_path)
+    for f in tmp_path.iterdir():  # config.json alone: reading the weights would fail with another error
+        if f.name != "config.json":
+            f.unlink()
+    with pytest.raises(ValueError, match=r"is a language model \(stage 'gpt2 folder'\); expected a reward model"):
+        load(tmp_path, expect="reward")

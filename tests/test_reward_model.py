@@ -11,7 +11,7 @@ from conftest import save_folder
 
 import peft
 import rlhf.reward_model
-from minigpt import GPT, CharTokenizer, engine, preset, tasks
+from minigpt import GPT, CharTokenizer, checkpoint, engine, preset, tasks
 from minigpt.checkpoint import save_checkpoint
 from minigpt.data import length_groups
 from minigpt.train import TrainConfig
@@ -434,6 +434,8 @@ def test_cli_writes_every_output(tmp_path, tok, pairs, monkeypatch):
     assert set(results["accuracy_by_kind"]) <= {"ill_formed", "wrong_vs_ill_formed", "rambling", "junk"}
     loaded, _ = load_reward_model(out)
     assert loaded.gain.item() == pytest.approx(1 / results["normalization"]["std"])
+    with pytest.raises(ValueError, match=r"only the lora tensors of a reward model .* open the finished run's folder"):
+        checkpoint.load(out / "ckpt.pt")  # the run's checkpoint holds LoRA and the head, with no base to put them on
     # without --peft the size of the backbone decides: all weights for a small one, LoRA above LORA_ABOVE
     args = ["--sft", str(tmp_path / "sft"), "--train-file", str(tmp_path / "train.jsonl"), "--test-file",
             str(tmp_path / "test.jsonl"), "--max-iters", "1", "--batch-size", "2", "--n-normalize", "0",
