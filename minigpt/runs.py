@@ -2,7 +2,7 @@
 
 - ``claim(out_dir, resume, overwrite)``: before any work, a folder that already holds a run is refused unless the
   run is continued (resume) or replaced on purpose (overwrite); a run another process is writing is always refused.
-  The claim holds a lock file (the process id) until the run ends.
+  The claim holds a lock file (the process id) until the run ends; ``hold(out_dir)`` holds that lock alone.
 - ``stop_requests()``: while it is active, Ctrl-C (SIGINT) does not break a training step in half; it sets a flag that
   the loop reads between steps, so the loop can save a checkpoint of the last finished step and raise ``Interrupted``.
   A second Ctrl-C stops at once, as usual.
@@ -46,14 +46,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def claim(out_dir, resume: bool = False, overwrite: bool = False, main: bool = True):
-    """Hold out_dir for one run (see the module docstring). Under torchrun only the main process claims (when it
-    refuses, torchrun stops the others)."""
-    out_dir = Path(out_dir)
-    if not main:
-        yield out_dir
-        return
+def _refuse_if_held(out_dir: Path) -> None:
+    """Refuse a folder whose lock file names another process that is still running."""
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out-dir {str(out_dir)!r} is a file; expected a folder")
     lock = out_dir / LOCK
@@ -62,6 +56,32 @@ def claim(out_dir, resume: bool = False, overwrite: bool = False, main: bool = T
         if text.isdigit() and int(text) != os.getpid() and _alive(int(text)):
             raise RuntimeError(f"another run (process {text}) is writing to {out_dir}; wait for it, or choose "
                                f"another --out-dir")
+
+
+@contextlib.contextmanager
+def hold(out_dir):
+    """Hold out_dir's lock file (this process's id) while the block runs, refusing a folder another live process
+    holds; claim's lock without its checks, for a folder of several runs (the pipeline's)."""
+    out_dir = Path(out_dir)
+    _refuse_if_held(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = out_dir / LOCK
+    lock.write_text(str(os.getpid()))
+    try:
+        yield out_dir
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def claim(out_dir, resume: bool = False, overwrite: bool = False, main: bool = True):
+    """Hold out_dir for one run (see the module docstring). Under torchrun only the main process claims (when it
+    refuses, torchrun stops the others)."""
+    out_dir = Path(out_dir)
+    if not main:
+        yield out_dir
+        return
+    _refuse_if_held(out_dir)
     found = previous_run(out_dir)
     if resume and not (out_dir / "ckpt.pt").is_file() and not (out_dir / "best.pt").is_file() and \
             not (out_dir / "rl_state.pt").is_file():
@@ -75,11 +95,8 @@ def claim(out_dir, resume: bool = False, overwrite: bool = False, main: bool = T
     if overwrite:
         for name in found:
             (out_dir / name).unlink()
-    lock.write_text(str(os.getpid()))
-    try:
+    with hold(out_dir):
         yield out_dir
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 class StopFlag:

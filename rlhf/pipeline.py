@@ -14,7 +14,8 @@ Each stage saves its model and a stage.json with the settings it ran with and th
 from; a second run skips the stages already done with the same settings and refuses those done with others (--redo
 STAGE redoes one, --force all), so an interrupted pipeline resumes at the stage it was in and a changed one is never
 mixed with old models: a stage made from an earlier run of a stage before it (redone, or deleted and run again) is
-redone, and an interrupted one (its started.json records what it began with) starts afresh.
+redone, and an interrupted one (its started.json records what it began with) starts afresh. The pipeline holds its
+folder's run.lock while it runs: a second pipeline on the same --out-dir is refused before it touches a stage.
 
 The report has the four-stage table (data, algorithm, model, parameters, wall time), the SFT-vs-RL comparison on
 held-out prompts (ground-truth score, reward-model score, KL to the SFT model) with sample responses side by side,
@@ -35,6 +36,7 @@ from minigpt.checkpoint import load_resume_checkpoint
 from minigpt.config import GPTConfig
 from minigpt.files import read_text, write_json, write_jsonl, write_text
 from minigpt.options import HelpFormatter, run
+from minigpt.runs import hold
 from minigpt.sft import DEFAULT_LR, SFTConfig, method_config, run_sft
 from minigpt.train import PretrainConfig, TrainConfig, pretrain
 from rlhf.evaluate import fmt
@@ -304,20 +306,21 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
                 "ppo": stage_settings(s, "ppo", beta=args.beta, reward=args.reward_fn)}
     t0 = time.perf_counter()
     results = {}
-    for name in wanted:
-        force = args.force or args.redo == name
-        results[name] = run_stage(out, name, stages[name], force, settings[name], made_from(results, name))
-    if len(wanted) < len(STAGES):
-        print(f"pipeline stopped after {wanted[-1]} (--stages) in {time.perf_counter() - t0:.0f} s; in {out}")
-        return results
-    if args.reward_hacking:
-        def hacking(mode):
-            return stage_ppo(out, s, progress, 0.0, "ppo_beta0", args.reward_fn, mode)
+    with hold(out):  # before any stage's marker is touched: a second pipeline on this folder is refused here
+        for name in wanted:
+            force = args.force or args.redo == name
+            results[name] = run_stage(out, name, stages[name], force, settings[name], made_from(results, name))
+        if len(wanted) < len(STAGES):
+            print(f"pipeline stopped after {wanted[-1]} (--stages) in {time.perf_counter() - t0:.0f} s; in {out}")
+            return results
+        if args.reward_hacking:
+            def hacking(mode):
+                return stage_ppo(out, s, progress, 0.0, "ppo_beta0", args.reward_fn, mode)
 
-        results["ppo_beta0"] = run_stage(out, "ppo_beta0", hacking, args.force or args.redo == "ppo",
-                                         stage_settings(s, "ppo", beta=0.0, reward=args.reward_fn),
-                                         made_from(results, "ppo"))
-    print(report(out, results))
+            results["ppo_beta0"] = run_stage(out, "ppo_beta0", hacking, args.force or args.redo == "ppo",
+                                             stage_settings(s, "ppo", beta=0.0, reward=args.reward_fn),
+                                             made_from(results, "ppo"))
+        print(report(out, results))
     print(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report in {out / 'report.md'}")
     return results
 

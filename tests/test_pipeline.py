@@ -226,3 +226,31 @@ def test_an_interrupted_stage_continues_only_on_the_inputs_and_settings_it_began
     assert run(None) == resume
     (folder / "started.json").unlink()
     assert run({"sft": "c"}) == afresh
+
+
+def test_a_second_pipeline_on_the_same_folder_is_refused_before_it_touches_a_stage(tmp_path, monkeypatch):
+    """While one pipeline holds --out-dir (its run.lock names a live process), another is refused before any stage's
+    stage.json is removed; the folder is free again once the lock's process is gone or the holder has finished."""
+    import os
+
+    import pytest
+
+    from minigpt.runs import hold
+    from rlhf import pipeline
+
+    (tmp_path / "pretrain").mkdir()
+    marker = tmp_path / "pretrain" / "stage.json"
+    marker.write_text(json.dumps({"settings": {}, "run_id": "a"}))
+    (tmp_path / "run.lock").write_text(str(os.getppid()))  # a live process that is not this one
+    ran = []
+    monkeypatch.setattr(pipeline, "stage_pretrain",
+                        lambda *a: ran.append((tmp_path / "run.lock").read_text()) or {"params": 1})
+    with pytest.raises(RuntimeError, match=f"another run \\(process {os.getppid()}\\) is writing to"):
+        main(["--out-dir", str(tmp_path), "--stages", "pretrain", "--redo", "pretrain", "--no-progress"])
+    assert marker.is_file() and not ran
+    (tmp_path / "run.lock").unlink()
+    main(["--out-dir", str(tmp_path), "--stages", "pretrain", "--redo", "pretrain", "--no-progress"])
+    assert ran == [str(os.getpid())] and not (tmp_path / "run.lock").exists()  # held while the stage ran, not after
+    with hold(tmp_path):
+        assert (tmp_path / "run.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / "run.lock").exists()
