@@ -393,3 +393,61 @@ def test_command_lines_write_their_files(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--help"])
         assert "seed" in capsys.readouterr().out
+
+
+def test_normalize_drops_one_final_full_stop_and_nothing_inside():
+    """A final full stop (and the space before it) does not matter; a full stop anywhere else, or a second one, does."""
+    ex = {"output": "the garden"}
+    assert check_answer(ex, "the garden .") and check_answer(ex, "The garden.\n")
+    assert not check_answer(ex, "the. garden") and not check_answer(ex, "the garden..")
+    assert not check_answer({"output": "12"}, "1.2") and check_answer({"output": "12"}, "12.")
+    assert ground_truth_score({"output": "12"}, "12..") == 0.5  # the answer, then more text (a second stop)
+    assert tasks.normalize(" Tree ,sun,\tCat . ") == "tree, sun, cat"
+
+
+def test_check_answer_normalizes_the_reference_too():
+    """A reference written with capitals or a full stop ("Tom", "The garden.") matches its lower-case answer."""
+    assert check_answer({"output": "Tom"}, "tom") and check_answer({"output": "The garden."}, "the garden")
+    assert ground_truth_score({"output": "Tom"}, "tom") == 1.0
+
+
+def test_a_list_of_the_right_words_has_each_word_as_often_as_the_reference():
+    """Well formed means the same words in another order: a word doubled (and another dropped or added) is not."""
+    listed = {"output": "tree, sun, cat"}
+    responses = ("sun, cat, tree", "cat, sun, tree, tree", "cat, cat, sun, tree", "sun, sun, tree, cat")
+    assert [ground_truth_score(listed, r) for r in responses] == [0.25, 0.0, 0.0, 0.0]
+
+
+def test_has_remark_finds_every_remark_wherever_it_stands():
+    """Each of RAMBLES after any answer, or only its start (a response cut off), counts; a bare answer does not."""
+    for answer in ("12", "the garden", "cat, sun, tree", ""):
+        assert not tasks.has_remark(answer)
+        for remark in tasks.RAMBLES:
+            assert tasks.has_remark(answer + remark) and tasks.has_remark(remark + " " + answer), (answer, remark)
+    starts = ("12. I think that", "a dog, and that is all I", "sun\nLet me check", "Tom. That was a fun")
+    assert all(tasks.has_remark(s) for s in starts)
+    assert not any(tasks.has_remark(r) for r in ("I think", "that is all", "Let me", "That was", "I am not sure"))
+
+
+def arithmetic_key(ex):
+    """The problem key of an arithmetic example, recomputed from its text: ("arithmetic", x, "+" or "-", y)."""
+    x, op, y = re.search(r"(\d+) (\+|-|plus|minus) (\d+)", f"{ex['instruction']} {ex['input']}").groups()
+    return "arithmetic", int(x), {"plus": "+", "minus": "-"}.get(op, op), int(y)
+
+
+def test_a_fifth_of_the_problems_is_held_out_and_the_splits_draw_from_their_own(sft):
+    """split_of holds out about TEST_FRACTION (0.2) of all problem keys, another fifth for another seed; the
+    held-out SFT examples are problems of the held-out keys, the training examples of the others."""
+    keys = [("arithmetic", a + b, "-", b) for a in range(50) for b in range(50)]
+    held_out = {seed: {k for k in keys if tasks.split_of(k, seed) == "test"} for seed in (0, 1)}
+    assert all(abs(len(h) / len(keys) - 0.2) < 0.03 for h in held_out.values())
+    assert abs(len(held_out[0] & held_out[1]) / len(keys) - 0.2 * 0.2) < 0.02  # independent draws across seeds
+    for split, rows in zip(("train", "test"), sft):
+        assert {tasks.split_of(arithmetic_key(ex), 0) for ex in rows if ex["task"] == "arithmetic"} == {split}
+
+
+def test_format_prompt_does_not_wrap_a_prompt_twice():
+    """A text already in the template's form is returned as it is; with an input it is wrapped as any instruction."""
+    prompt = "### Instruction:\nWhat is 1 + 2?\n### Response:\n"
+    assert format_prompt(prompt) == prompt and tasks.is_formatted(prompt) and not tasks.is_formatted("What is 1?")
+    assert format_prompt(prompt, "x") == f"### Instruction:\n{prompt}\n### Input:\nx\n### Response:\n"

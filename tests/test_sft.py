@@ -5,9 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_gpt
 
 import peft
-from minigpt import GPT, checkpoint, preset, sft, tasks
+from minigpt import GPT, checkpoint, engine, preset, sft, tasks
 from minigpt.corpus import build_corpus
 from minigpt.data import length_groups
 from minigpt.sft import finetune, method_config
@@ -38,6 +39,7 @@ def test_loss_counts_only_answer_tokens(tok, data):
     model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128)).eval()
     encoded = sft.encode_dataset(tok, data[0][:3], 128)
     x, y = sft.collate(encoded, tok.pad_token_id)
+    assert x.shape == y.shape == (3, max(len(tokens) for tokens, _ in encoded) - 1)  # the longest row, less one
     assert x.shape == y.shape and (x[y == -100].numel() > 0)
     with torch.no_grad():
         _, loss = model(x, y)
@@ -195,3 +197,99 @@ def test_method_config_refuses_options_of_another_method():
         method_config("full", r=4)
     with pytest.raises(ValueError, match="unknown method 'loraa'"):
         method_config("loraa")
+
+
+def hand_tokens(tok, ex):
+    """An example's tokens by hand: the prompt written out in the template, then the answer and eos."""
+    head = f"### Instruction:\n{ex['instruction']}\n" + (f"### Input:\n{ex['input']}\n" if ex["input"] else "")
+    prompt = tok.encode(head + "### Response:\n")
+    return prompt, prompt + tok.encode(ex["output"]) + [tok.eos_token_id]
+
+
+def hand_answer_nll(model, tok, tokens_list):
+    """(summed -log p of the answer tokens and eos, their number), each example run alone and unpadded."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, tokens in tokens_list:
+            logp = torch.log_softmax(model(torch.tensor([tokens[:-1]]))[0][0], -1)
+            for t in range(len(prompt) - 1, len(tokens) - 1):  # position t predicts token t + 1, an answer token
+                nll, count = nll - logp[t, tokens[t + 1]].item(), count + 1
+    return nll, count
+
+
+def test_answer_loss_is_the_mean_over_all_answer_tokens(tok, data):
+    """answer_loss: -log p summed over every answer token (and eos) of all examples, over their number, whatever the
+    batches (5 examples in batches of 2: the last one alone)."""
+    model = tiny_gpt(tok.vocab_size, block_size=128).eval()
+    examples = data[1][:5]
+    nll, count = hand_answer_nll(model, tok, [hand_tokens(tok, ex) for ex in examples])
+    encoded = sft.encode_dataset(tok, examples, 128)
+    assert sft.answer_loss(model, encoded, tok.pad_token_id, batch_size=2) == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_an_example_that_just_fits_the_context_is_kept(tok):
+    """A context of block_size holds an example of block_size + 1 tokens (inputs and targets shifted by one)."""
+    ex = {"instruction": "Sort the words.", "input": "cat, sun, tree", "output": "cat, sun, tree"}
+    n = len(hand_tokens(tok, ex)[1])
+    assert sft.encode_dataset(tok, [ex], n - 1)[0][0] == hand_tokens(tok, ex)[1]
+    with pytest.raises(ValueError, match=f"example 0 is {n} tokens long but the model's context is {n - 2}"):
+        sft.encode_dataset(tok, [ex], n - 2)
+
+
+def test_generate_answers_asks_the_engine_with_the_formatted_prompts(tok, data, monkeypatch):
+    """The engine gets each example's prompt (with its input), at most max_new_tokens and no more than the context
+    leaves beside the longest prompt; the responses come back decoded."""
+    calls = []
+
+    def complete_all(model, prompts, max_new_tokens, eos_token_id, pad_token_id, batch_size, **kwargs):
+        calls.append((prompts, max_new_tokens, eos_token_id))
+        return [tok.encode(f"answer {i}") for i in range(len(prompts))]
+
+    monkeypatch.setattr(engine, "complete_all", complete_all)
+    examples = [ex for ex in data[1] if ex["input"]][:2] + [ex for ex in data[1] if not ex["input"]][:1]
+    prompts = [hand_tokens(tok, ex)[0] for ex in examples]
+    for block_size, asked in ((128, 8), (max(map(len, prompts)) + 5, 32)):
+        model = tiny_gpt(tok.vocab_size, block_size=block_size)
+        assert sft.generate_answers(model, tok, examples, max_new_tokens=asked) == ["answer 0", "answer 1", "answer 2"]
+        assert calls[-1] == (prompts, min(asked, block_size - max(map(len, prompts))), tok.eos_token_id)
+    assert calls[-1][1] == 5
+
+
+def test_random_batch_draws_every_example(tok, data):
+    """Rows are drawn from all the examples, the last one included (told apart here by their lengths)."""
+    encoded = sft.encode_dataset(tok, data[0][:40], 128)
+    lengths = {len(tokens) - 1 for tokens, _ in encoded}
+    encoded = [next(e for e in encoded if len(e[0]) - 1 == n) for n in sorted(lengths)[:3]]  # 3 different lengths
+    x, y = sft.random_batch(encoded, 60, tok.pad_token_id, torch.Generator().manual_seed(0))
+    assert x.shape[0] == 60 and {int(n) for n in (x != tok.pad_token_id).sum(1)} == set(sorted(lengths)[:3])
+
+
+def test_finetune_trains_on_the_training_set_with_the_mean_answer_loss(tok, data, tmp_path, monkeypatch):
+    """What finetune hands the training loop: batches of cfg.batch_size training examples (never held-out ones), a
+    loss that is the mean -log p over the batch's answer tokens, and an evaluation on the first eval_examples."""
+    seen = {}
+
+    def train(model, get_batch, loss_fn, cfg, eval_fn, meta=None, resume=None):
+        seen.update(get_batch=get_batch, loss_fn=loss_fn, eval_fn=eval_fn)
+        return [{"iter": 0, "val_loss": 1.0, "accuracy": 0.5, "elapsed_s": 0.0}]
+
+    monkeypatch.setattr(sft, "train", train)
+    train_examples, test_examples = data[0][:6], data[1][:5]
+    model = tiny_gpt(tok.vocab_size, block_size=128)
+    cfg = TrainConfig(batch_size=8, out_dir=str(tmp_path), progress=False, plot=False)
+    finetune(model, tok, train_examples, test_examples, None, cfg, eval_examples=3)
+    x, y = seen["get_batch"](torch.Generator().manual_seed(0))
+    assert x.shape[0] == 8
+    train_inputs = [hand_tokens(tok, ex)[1][:-1] for ex in train_examples]
+    test_inputs = [hand_tokens(tok, ex)[1][:-1] for ex in test_examples]
+    rows = [[int(i) for i in row if i != tok.pad_token_id] for row in x]
+    assert all(r in train_inputs and r not in test_inputs for r in rows)
+    drawn = [hand_tokens(tok, train_examples[train_inputs.index(r)]) for r in rows]
+    nll, count = hand_answer_nll(model.eval(), tok, drawn)
+    with torch.no_grad():
+        assert seen["loss_fn"](model, (x, y)).item() == pytest.approx(nll / count, rel=1e-5)
+    evaluated = []
+    monkeypatch.setattr(sft, "evaluate", lambda m, t, examples, *a, **k: evaluated.append(examples) or
+                        {"answer_loss": 0.0, "accuracy": 0.0})
+    seen["eval_fn"](model)
+    assert evaluated == [test_examples[:3]]
