@@ -217,6 +217,51 @@ def headroom(base: str, eval_prompts: int, path: Path, k: int = 16, temperatures
     return text
 
 
+def greedy_gain(base: str, runs: list[str], eval_prompts: int, path: Path) -> str:
+    """The greedy accuracy of each run's policy against the SFT model of base on the distinct prompts among
+    eval_prompts held-out ones: a larger set than the table's, as a gain of a few points needs one to stand out.
+    Each run's paired gain, and the change averaged over the runs (gain_over_seeds), with standard errors."""
+    import torch
+
+    from minigpt import checkpoint, tasks
+    from rlhf.evaluate import gain_over_seeds, greedy_answers, mean_se
+    from rlhf.prompts import builtin_prompts
+
+    test, seen = [], set()
+    for ex in builtin_prompts(n_test=eval_prompts)[1]:  # a small family repeats in a long list: each prompt once
+        if (ex["instruction"], ex["input"]) not in seen:
+            seen.add((ex["instruction"], ex["input"]))
+            test.append(ex)
+
+    def correct(folder):
+        with torch.no_grad():
+            model, tok = checkpoint.load_model(folder)
+            return [float(tasks.check_answer(ex, a)) for ex, a in zip(test, greedy_answers(model, tok, test))]
+
+    before = correct(f"{base}/sft")
+    afters = [correct(run) for run in runs]
+    lines = ["# Greedy accuracy on a larger held-out set", "",
+             f"{len(test)} distinct held-out prompts (of the first {eval_prompts} built-in PPO test prompts); the SFT "
+             f"model of {base}: greedy accuracy {statistics.fmean(before):.1%}. Gains are paired (the same prompts), "
+             f"in points, +- their standard error "
+             f"(python benchmarks/bench_rl.py --greedy-gain {','.join(runs)} --from {base} "
+             f"--eval-prompts {eval_prompts}).", "",
+             "| run | greedy accuracy | gain (SE) | gain / SE | prompts gained | prompts lost |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for run, after in zip(runs, afters):
+        mean, se = mean_se([a - b for a, b in zip(after, before)])
+        lines.append(f"| {run} | {statistics.fmean(after):.1%} | {100 * mean:+.2f} ({100 * se:.2f}) | "
+                     f"{mean / se if se else float('nan'):.2f} | {sum(a > b for a, b in zip(after, before))} | "
+                     f"{sum(a < b for a, b in zip(after, before))} |")
+    avg = gain_over_seeds(before, afters)
+    lines.append(f"| the runs' mean, per prompt | {statistics.fmean(before) + avg['mean']:.1%} | "
+                 f"{100 * avg['mean']:+.2f} ({100 * avg['se']:.2f}) | "
+                 f"{avg['mean'] / avg['se'] if avg['se'] else float('nan'):.2f} | | |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--from", dest="base", default=None, help="a pipeline output folder with sft/ and reward/ (default: "
@@ -229,7 +274,15 @@ def main(argv=None):
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where rl.md, rl.json, rl.png go")
     p.add_argument("--headroom", action="store_true", help="instead: what the SFT model of --from already samples "
                    "right where its greedy answer is wrong (rl_headroom.md)")
+    p.add_argument("--greedy-gain", metavar="RUNS", default=None, help="instead: the greedy accuracy of these "
+                   "comma-separated policy folders against --from's SFT model on the distinct prompts among "
+                   "--eval-prompts held-out ones (rl_greedy.md)")
     args = p.parse_args(argv)
+    if args.greedy_gain:
+        if args.base is None:
+            p.error("--greedy-gain needs --from (the pipeline output folder whose sft/ the runs started from)")
+        runs = [r for r in args.greedy_gain.split(",") if r]
+        return print(greedy_gain(args.base, runs, args.eval_prompts, Path(args.results) / "rl_greedy.md"))
     if args.headroom:
         if args.base is None:
             p.error("--headroom needs --from (a pipeline output folder with sft/)")

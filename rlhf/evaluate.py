@@ -51,16 +51,23 @@ def sequence_kl(model, reference, gen, temperature: float = 1.0) -> torch.Tensor
     return ((logp - ref_logp) * gen.response_mask).sum(-1)
 
 
+def greedy_answers(model, tokenizer, examples: list[dict], max_new_tokens: int = 24, batch_size: int = 64) -> list:
+    """The greedy answer text to each example's prompt."""
+    model.eval()
+    ids = [tokenizer.encode(ex["prompt"]) for ex in examples]
+    return [tokenizer.decode(r) for r in engine.complete_all(model, ids, max_new_tokens, tokenizer.eos_token_id,
+                                                             tokenizer.pad_token_id, batch_size)]
+
+
 def evaluate_policy(model, tokenizer, examples: list[dict], k: int = 4, max_new_tokens: int = 24,
                     temperature: float = 1.0, seed: int = 0, with_kl: bool = False, reference=None, rm=None,
                     batch_size: int = 64) -> dict:
     """The metrics of the module docstring: {metric: {"mean", "se"}}, "by_task": {task: {metric: {"mean", "se"}}},
     and "greedy_answers" (the greedy answer text of each example). with_kl: measure the KL to reference (None: the
     model with its adapters disabled); rm: a reward model to score the samples with (None: no score)."""
-    model.eval()
+    greedy = greedy_answers(model, tokenizer, examples, max_new_tokens, batch_size)
     ids = [tokenizer.encode(ex["prompt"]) for ex in examples]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    greedy = [tokenizer.decode(r) for r in engine.complete_all(model, ids, max_new_tokens, eos, pad, batch_size)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     per = {m: [[] for _ in examples] for m in ("correct", "score", "remark", "truncated", "kl", "rm_score",
                                                 "response_len")}
@@ -120,6 +127,14 @@ def gain(before: dict, after: dict, metric: str = "greedy_accuracy") -> dict:
     """{"mean", "se"} of after - before on the same prompts: the standard error of the paired differences, smaller
     than either evaluation's own when most prompts do not change."""
     diffs = [a - b for a, b in zip(after["per_prompt"][metric], before["per_prompt"][metric])]
+    return dict(zip(("mean", "se"), mean_se(diffs)))
+
+
+def gain_over_seeds(before: list[float], afters: list[list[float]]) -> dict:
+    """{"mean", "se"} of the per-prompt change averaged over runs (one per seed, the same prompts): d_i = the mean
+    over runs of after_run[i], less before[i]. Its standard error is over prompts, as in gain; averaging the runs
+    first takes the spread between seeds out of each prompt's value, not the spread between prompts."""
+    diffs = [statistics.fmean(run[i] for run in afters) - b for i, b in enumerate(before)]
     return dict(zip(("mean", "se"), mean_se(diffs)))
 
 

@@ -4,6 +4,7 @@ script's --smoke path (CPU, one tiny shape, no compiling)."""
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -113,3 +114,26 @@ def test_rl_headroom_counts_prompts_by_their_greedy_and_sampled_answers(tmp_path
     # greedy wrong on 3: a right sample on 2, a quarter right on 1; greedy right on 2: under half right on 1
     assert "| 0.5 | 33.8% | 2 of 3 | 1 of 3 | 1 of 2 |" in text
     assert "Greedy accuracy 40.0% (2 of 5)." in text and (tmp_path / "h.md").read_text() == text
+
+
+def test_rl_greedy_gain_pairs_each_run_with_the_sft_model_on_distinct_prompts(tmp_path, monkeypatch):
+    """Each held-out prompt is counted once (a repeated one twice would weigh it double); each run's gain is paired
+    with the SFT model's answers on the same prompts, and the last row averages the runs per prompt first."""
+    from minigpt import checkpoint
+    from rlhf import evaluate, prompts
+
+    bench_rl = load("bench_rl")
+    rows = [{"instruction": f"q{i}", "input": "", "output": "yes", "prompt": f"q{i}"} for i in range(4)]
+    monkeypatch.setattr(prompts, "builtin_prompts", lambda n_test: ([], rows + rows[:2]))  # two repeated
+    monkeypatch.setattr(checkpoint, "load_model", lambda folder: (folder, None))
+    answers = {"base/sft": "yes no no yes", "a": "yes yes no no", "b": "yes yes yes yes"}  # prompt by prompt
+    monkeypatch.setattr(evaluate, "greedy_answers", lambda model, tok, examples: answers[model].split()[:len(examples)])
+    text = bench_rl.greedy_gain("base", ["a", "b"], 6, tmp_path / "g.md")
+    assert "4 distinct held-out prompts (of the first 6" in text and "greedy accuracy 50.0%" in text
+    se_a = math.sqrt((0 + 1 + 0 + 1) / 3) / 2  # changes 0, +1, 0, -1: mean 0
+    assert f"| a | 50.0% | +0.00 ({100 * se_a:.2f}) |" in text
+    se_b = math.sqrt((0.5 ** 2 * 2 + 0.5 ** 2 * 2) / 3) / 2  # changes 0, 1, 1, 0: mean 0.5
+    assert f"| b | 100.0% | +50.00 ({100 * se_b:.2f}) | {0.5 / se_b:.2f} | 2 | 0 |" in text
+    se_mean = math.sqrt((0.25 ** 2 + 0.75 ** 2 + 0.25 ** 2 + 0.75 ** 2) / 3) / 2  # per prompt 0, 1, 0.5, -0.5
+    assert f"| the runs' mean, per prompt | 75.0% | +25.00 ({100 * se_mean:.2f}) |" in text
+    assert (tmp_path / "g.md").read_text() == text

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_gpt
 
 from minigpt import CharTokenizer, engine, tasks
-from rlhf.evaluate import evaluate_policy, fmt, gain, mean_se, over_seeds, sequence_kl, summarize
+from rlhf.evaluate import evaluate_policy, fmt, gain, gain_over_seeds, mean_se, over_seeds, sequence_kl, summarize
 from rlhf.reward_model import RewardModel, save_reward_model
 from rlhf.rewards import checker_reward, make_reward, open_reward_model, reward_model_reward, summed
 
@@ -95,6 +95,9 @@ def test_the_paired_gain_and_the_spread_over_seeds():
     assert g["mean"] == 0.25 and g["se"] == pytest.approx(statistics.stdev([0, 1, 0, 0]) / 2)
     runs = [{"greedy_accuracy": {"mean": m, "se": 0.1}} for m in (0.4, 0.5, 0.6)]
     assert over_seeds(runs)["greedy_accuracy"] == pytest.approx({"mean": 0.5, "sd": 0.1})
+    # averaged over two runs first: per prompt (1 + 1) / 2 - 1 = 0, 1, 0.5, -0.5; mean 0.25, sd sqrt(1.25 / 3)
+    averaged = gain_over_seeds([1.0, 0.0, 0.0, 1.0], [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    assert averaged == pytest.approx({"mean": 0.25, "se": math.sqrt(1.25 / 3) / 2})
 
 
 def test_evaluate_policy_measures_a_model_against_itself_as_kl_0(bpe_tok):
