@@ -217,10 +217,11 @@ def headroom(base: str, eval_prompts: int, path: Path, k: int = 16, temperatures
     return text
 
 
-def greedy_gain(base: str, runs: list[str], eval_prompts: int, path: Path) -> str:
+def greedy_gain(base: str, groups: list[list[str]], eval_prompts: int, path: Path) -> str:
     """The greedy accuracy of each run's policy against the SFT model of base on the distinct prompts among
     eval_prompts held-out ones: a larger set than the table's, as a gain of a few points needs one to stand out.
-    Each run's paired gain, and the change averaged over the runs (gain_over_seeds), with standard errors."""
+    Each run's paired gain and, for each group of runs (one method's seeds), the change averaged over its runs per
+    prompt (gain_over_seeds), with standard errors."""
     import torch
 
     from minigpt import checkpoint, tasks
@@ -238,25 +239,28 @@ def greedy_gain(base: str, runs: list[str], eval_prompts: int, path: Path) -> st
             model, tok = checkpoint.load_model(folder)
             return [float(tasks.check_answer(ex, a)) for ex, a in zip(test, greedy_answers(model, tok, test))]
 
+    def row(name, accuracy, gain, extra=""):
+        ratio = gain["mean"] / gain["se"] if gain["se"] else float("nan")
+        return f"| {name} | {accuracy:.1%} | {100 * gain['mean']:+.2f} ({100 * gain['se']:.2f}) | {ratio:.2f} |{extra}"
+
     before = correct(f"{base}/sft")
-    afters = [correct(run) for run in runs]
+    flags = " ".join(f"--greedy-gain {','.join(g)}" for g in groups)
     lines = ["# Greedy accuracy on a larger held-out set", "",
              f"{len(test)} distinct held-out prompts (of the first {eval_prompts} built-in PPO test prompts); the SFT "
              f"model of {base}: greedy accuracy {statistics.fmean(before):.1%}. Gains are paired (the same prompts), "
-             f"in points, +- their standard error "
-             f"(python benchmarks/bench_rl.py --greedy-gain {','.join(runs)} --from {base} "
+             f"in points, +- their standard error (python benchmarks/bench_rl.py {flags} --from {base} "
              f"--eval-prompts {eval_prompts}).", "",
              "| run | greedy accuracy | gain (SE) | gain / SE | prompts gained | prompts lost |",
              "|---|---:|---:|---:|---:|---:|"]
-    for run, after in zip(runs, afters):
-        mean, se = mean_se([a - b for a, b in zip(after, before)])
-        lines.append(f"| {run} | {statistics.fmean(after):.1%} | {100 * mean:+.2f} ({100 * se:.2f}) | "
-                     f"{mean / se if se else float('nan'):.2f} | {sum(a > b for a, b in zip(after, before))} | "
-                     f"{sum(a < b for a, b in zip(after, before))} |")
-    avg = gain_over_seeds(before, afters)
-    lines.append(f"| the runs' mean, per prompt | {statistics.fmean(before) + avg['mean']:.1%} | "
-                 f"{100 * avg['mean']:+.2f} ({100 * avg['se']:.2f}) | "
-                 f"{avg['mean'] / avg['se'] if avg['se'] else float('nan'):.2f} | | |")
+    for runs in groups:
+        afters = [correct(run) for run in runs]
+        for run, after in zip(runs, afters):
+            gain = dict(zip(("mean", "se"), mean_se([a - b for a, b in zip(after, before)])))
+            lines.append(row(run, statistics.fmean(after), gain, f" {sum(a > b for a, b in zip(after, before))} | "
+                                                               f"{sum(a < b for a, b in zip(after, before))} |"))
+        averaged = gain_over_seeds(before, afters)
+        lines.append(row(f"the {len(runs)} run(s) above, averaged per prompt", statistics.fmean(before) + averaged["mean"],
+                         averaged, " | |"))
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -274,15 +278,16 @@ def main(argv=None):
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where rl.md, rl.json, rl.png go")
     p.add_argument("--headroom", action="store_true", help="instead: what the SFT model of --from already samples "
                    "right where its greedy answer is wrong (rl_headroom.md)")
-    p.add_argument("--greedy-gain", metavar="RUNS", default=None, help="instead: the greedy accuracy of these "
-                   "comma-separated policy folders against --from's SFT model on the distinct prompts among "
-                   "--eval-prompts held-out ones (rl_greedy.md)")
+    p.add_argument("--greedy-gain", metavar="RUNS", action="append", default=None, help="instead: the greedy "
+                   "accuracy of these comma-separated policy folders (one method's seeds; repeat the flag for another "
+                   "method) against --from's SFT model on the distinct prompts among --eval-prompts held-out ones "
+                   "(rl_greedy.md)")
     args = p.parse_args(argv)
     if args.greedy_gain:
         if args.base is None:
             p.error("--greedy-gain needs --from (the pipeline output folder whose sft/ the runs started from)")
-        runs = [r for r in args.greedy_gain.split(",") if r]
-        return print(greedy_gain(args.base, runs, args.eval_prompts, Path(args.results) / "rl_greedy.md"))
+        groups = [[r for r in runs.split(",") if r] for runs in args.greedy_gain]
+        return print(greedy_gain(args.base, groups, args.eval_prompts, Path(args.results) / "rl_greedy.md"))
     if args.headroom:
         if args.base is None:
             p.error("--headroom needs --from (a pipeline output folder with sft/)")

@@ -128,12 +128,13 @@ def test_rl_greedy_gain_pairs_each_run_with_the_sft_model_on_distinct_prompts(tm
     monkeypatch.setattr(checkpoint, "load_model", lambda folder: (folder, None))
     answers = {"base/sft": "yes no no yes", "a": "yes yes no no", "b": "yes yes yes yes"}  # prompt by prompt
     monkeypatch.setattr(evaluate, "greedy_answers", lambda model, tok, examples: answers[model].split()[:len(examples)])
-    text = bench_rl.greedy_gain("base", ["a", "b"], 6, tmp_path / "g.md")
+    text = bench_rl.greedy_gain("base", [["a", "b"], ["b"]], 6, tmp_path / "g.md")
     assert "4 distinct held-out prompts (of the first 6" in text and "greedy accuracy 50.0%" in text
     se_a = math.sqrt((0 + 1 + 0 + 1) / 3) / 2  # changes 0, +1, 0, -1: mean 0
     assert f"| a | 50.0% | +0.00 ({100 * se_a:.2f}) |" in text
     se_b = math.sqrt((0.5 ** 2 * 2 + 0.5 ** 2 * 2) / 3) / 2  # changes 0, 1, 1, 0: mean 0.5
     assert f"| b | 100.0% | +50.00 ({100 * se_b:.2f}) | {0.5 / se_b:.2f} | 2 | 0 |" in text
     se_mean = math.sqrt((0.25 ** 2 + 0.75 ** 2 + 0.25 ** 2 + 0.75 ** 2) / 3) / 2  # per prompt 0, 1, 0.5, -0.5
-    assert f"| the runs' mean, per prompt | 75.0% | +25.00 ({100 * se_mean:.2f}) |" in text
+    assert f"| the 2 run(s) above, averaged per prompt | 75.0% | +25.00 ({100 * se_mean:.2f}) |" in text
+    assert f"| the 1 run(s) above, averaged per prompt | 100.0% | +50.00 ({100 * se_b:.2f}) |" in text  # b's group alone
     assert (tmp_path / "g.md").read_text() == text
