@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig, KVCache, preset, sample_next_token
+from minigpt.model import disable_dropout
 
 V = 61
 
@@ -93,17 +94,82 @@ def test_exact_gelu_mlp_equals_the_erf_formula_and_differs_from_the_tanh_one():
         assert torch.allclose(approx(x), mlp_by_hand(x, approx), atol=1e-6)
 
 
+def model_by_hand(model, idx):
+    """P(u) = softmax(LN_f(h_n) W_e^T) with h_0 = W_e[u] + W_p and pre-LN blocks: the logits, without dropout."""
+    T = idx.size(1)
+    h = model.input_layer.wte.weight[idx] + model.input_layer.wpe.weight[torch.arange(T)]
+    for block in model.encoder.blocks:
+        h = h + attention_by_hand(layer_norm(h, block.ln_1), block.attn, model.config.n_head)
+        h = h + mlp_by_hand(layer_norm(h, block.ln_2), block.mlp)
+    return layer_norm(h, model.output_layer.ln_f) @ model.input_layer.wte.weight.T  # tied head
+
+
 def test_whole_model_equals_the_three_parts_by_hand():
     model = tiny()
     idx = torch.randint(0, V, (2, 11))
     with torch.no_grad():
-        h = model.input_layer.wte.weight[idx] + model.input_layer.wpe.weight[torch.arange(11)]
-        for block in model.encoder.blocks:
-            h = h + attention_by_hand(layer_norm(h, block.ln_1), block.attn, 2)
-            h = h + mlp_by_hand(layer_norm(h, block.ln_2), block.mlp)
-        expected = layer_norm(h, model.output_layer.ln_f) @ model.input_layer.wte.weight.T  # tied head
+        expected = model_by_hand(model, idx)
         logits, _ = model(idx)
     assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_attention_mask_for_padding_by_hand():
+    """Query i (the i-th of the last T of S positions) may see key j iff j <= S - T + i and j is a real token, and
+    it always sees itself, so a left-padding query sees one key (no all -inf row for SDPA to turn into NaN)."""
+    key_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    S = key_mask.size(1)
+    for T in (S, 3, 1):
+        expected = torch.zeros(3, 1, T, S, dtype=torch.bool)
+        for b in range(3):
+            for i in range(T):
+                for j in range(S):
+                    expected[b, 0, i, j] = (j <= S - T + i and bool(key_mask[b, j])) or j == S - T + i
+        mask = GPT._attention_mask(key_mask, T)
+        assert torch.equal(mask.expand(3, 1, T, S), expected), T
+
+
+def dropped(out, clean, p=0.5):
+    """out is dropout(clean): each entry 0 (about a fraction p of them) or clean / (1 - p)."""
+    zero = out == 0
+    assert p - 0.2 < zero.float().mean() < p + 0.2
+    assert torch.allclose(out[~zero], (clean / (1 - p))[~zero], atol=1e-5)
+
+
+def test_dropout_is_off_in_evaluation_and_where_the_paper_puts_it_in_training():
+    """dropout=0.5: evaluation is the formula; in training the MLP's output and the attention's output projection are
+    each dropped (every entry 0 or value / (1 - p)), the attention weights too, and disable_dropout turns it all off."""
+    model = tiny(dropout=0.5)
+    idx = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        expected = model_by_hand(model, idx)
+        assert torch.allclose(model(idx)[0], expected, atol=1e-5)  # eval: no dropout, the attention's included
+        model.train()
+        block = model.encoder.blocks[0]
+        x = torch.randn(2, 9, 32)
+        torch.manual_seed(0)
+        dropped(block.mlp(x), mlp_by_hand(x, block.mlp))
+        block.attn.attn_dropout = 0.0  # the attention's residual dropout alone: its weights' dropout off for now
+        dropped(block.attn(x), attention_by_hand(x, block.attn, 2))
+        block.attn.attn_dropout = 0.5
+        block.attn.resid_drop.p = 0.0  # now the attention weights' dropout alone: the output is no longer the formula
+        assert not torch.allclose(block.attn(x), attention_by_hand(x, block.attn, 2), atol=1e-3)
+        disable_dropout(model)
+        assert model.training and torch.allclose(model(idx)[0], expected, atol=1e-5)
+
+
+def test_initialisation_is_gpt2s():
+    """N(0, 0.02) for every Linear and Embedding weight, zero biases, and N(0, 0.02 / sqrt(2 n_layer)) for the two
+    projections that end a residual branch (attn.proj, mlp.proj), GPT-2's scaling of residual layers."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=2, n_embd=64))
+    residual = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith("proj.weight")])
+    others = torch.cat([p.detach().flatten() for n, p in model.named_parameters()
+                        if n.endswith("weight") and not n.endswith("proj.weight") and ".ln" not in n])
+    assert residual.numel() == 4 * (64 * 64 + 4 * 64 * 64)
+    assert abs(residual.std().item() / (0.02 / math.sqrt(8)) - 1) < 0.03 and abs(residual.mean().item()) < 1e-3
+    assert abs(others.std().item() / 0.02 - 1) < 0.03 and abs(others.mean().item()) < 1e-3
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias") and ".ln" not in n]
+    assert len(biases) == 4 * 6 and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
 
 
 def test_loss_is_cross_entropy_ignoring_minus_100():

@@ -14,6 +14,7 @@ import torch
 
 import peft
 from minigpt import GPT, KVCache, preset
+from minigpt.model import disable_dropout
 from peft import p_tuning, prefix_tuning
 
 V = 64
@@ -191,6 +192,55 @@ def test_p_tuning_export_keeps_outputs_and_stores_n_times_d(encoder, tmp_path):
     torch.testing.assert_close(fresh(x)[0], before, atol=1e-6, rtol=1e-6)
     with pytest.raises(TypeError, match="PTuningConfig"):
         p_tuning.export(model)  # already exported: now a Prompt Tuning model
+
+
+def test_p_tuning_export_from_training_mode_keeps_every_task_and_no_dropout(tmp_path):
+    """export while training with LSTM dropout: the stored prompt of each of the K tasks is the encoder by hand, with no
+    dropout, and the exported model is a K-task Prompt Tuning model (K * n * C numbers) that saves and loads."""
+    config = peft.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8, encoder_dropout=0.5, num_tasks=3)
+    plain, model = patched(config)
+    enc = model.input_layer.prompt
+    with torch.no_grad():
+        by_hand = torch.stack([linear(torch.relu(linear(lstm_by_hand(h, enc.lstm_head), enc.mlp_head[0])),
+                                      enc.mlp_head[2]) for h in enc.embedding])  # (K, n, C)
+    p_tuning.export(model.train())
+    torch.testing.assert_close(model.input_layer.prompt.weight.detach(), by_hand, atol=1e-5, rtol=1e-5)
+    assert model.peft_config == peft.PromptTuningConfig(num_virtual_tokens=3, num_tasks=3)
+    assert peft.count_parameters(model)[0] == 3 * 3 * model.config.n_embd
+    x = torch.randint(0, V, (3, 5))
+    model.eval()
+    with peft.task_ids(model, [2, 0, 1]):
+        before = model(x)[0]
+    peft.save_adapter(model, tmp_path / "three.safetensors")
+    fresh = peft.load_adapter(copy.deepcopy(plain), tmp_path / "three.safetensors")
+    with peft.task_ids(fresh, [2, 0, 1]):
+        torch.testing.assert_close(fresh(x)[0], before, atol=1e-6, rtol=1e-6)
+
+
+def lstm_count(C, H, layers):
+    """A bidirectional LSTM: per layer and direction 4 gates x (input weights + hidden weights + two biases); the first
+    layer reads C, the others the 2H of both directions below."""
+    return sum(2 * 4 * H * ((C if l == 0 else 2 * H) + H + 2) for l in range(layers))
+
+
+def test_encoder_sizes_follow_the_config():
+    """Closed-form trainable counts on the tiny model (L = 2, C = 32) with every width different from C: P-Tuning's
+    LSTM encoder (H per direction, its layers) or MLP (C -> H -> H -> C), Prefix-Tuning's P' (n, d') and MLP
+    d' -> H -> L * 2 * C."""
+    n, L, C = 4, 2, 32
+
+    def trainable(config):
+        return peft.count_parameters(peft.get_peft_model(tiny(), config))[0]
+
+    H = 8
+    for layers in (1, 3):
+        lstm = peft.PTuningConfig(num_virtual_tokens=n, encoder_hidden_size=H, encoder_num_layers=layers)
+        assert trainable(lstm) == n * C + lstm_count(C, H, layers) + (2 * H * 2 * H + 2 * H) + (2 * H * C + C)
+    mlp = peft.PTuningConfig(num_virtual_tokens=n, encoder_reparameterization_type="mlp", encoder_hidden_size=H)
+    assert trainable(mlp) == n * C + (C * H + H) + (H * H + H) + (H * C + C)
+    d, H = 5, 7
+    prefix = peft.PrefixTuningConfig(num_virtual_tokens=n, prefix_dim=d, encoder_hidden_size=H)
+    assert trainable(prefix) == n * d + (d * H + H) + (H * L * 2 * C + L * 2 * C)
 
 
 # -- Prefix-Tuning and P-Tuning v2 -------------------------------------------------------------------------------
@@ -373,6 +423,23 @@ def test_disable_and_unload_give_the_plain_model(name):
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
 
 
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning_mlp"])
+def test_generation_window_is_block_size_less_the_virtual_tokens_and_all_of_it_when_disabled(name):
+    """Past the context, generation slides a window of block_size - n real tokens (the n virtual tokens fill the
+    rest): the encoder reads at most block_size = 32 positions. With the adapter disabled no position is taken:
+    the window is the whole block_size of real tokens."""
+    plain, model = patched(CONFIGS[name])
+    lengths = []
+    model.encoder.register_forward_pre_hook(lambda m, args: lengths.append(args[0].size(1)))
+    x = torch.randint(0, V, (1, 6))
+    model.generate(x, 30, temperature=0)
+    assert max(lengths) == 32
+    lengths.clear()
+    with peft.disable_adapters(model):
+        out = model.generate(x, 30, temperature=0)
+    assert max(lengths) == 32 and torch.equal(out, plain.generate(x, 30, temperature=0))
+
+
 @METHODS
 def test_config_survives_a_json_round_trip(name):
     config = dataclasses.replace(CONFIGS[name], num_tasks=2)
@@ -549,6 +616,42 @@ def test_prefix_training_shares_one_mlp_pass_and_a_copy_has_its_own_hooks():
     assert not model.encoder._forward_pre_hooks and not model.encoder._forward_hooks
 
 
+def test_an_error_inside_a_pass_closes_the_prefix_cache():
+    """An error raised inside model.encoder (here a wrong number of task ids, found by the first layer) still closes the
+    pass: a later call outside a pass computes MLP(P') afresh, so it sees P' changed after the error."""
+    config = peft.PrefixTuningConfig(num_virtual_tokens=3, prefix_dim=5, encoder_hidden_size=7)
+    _, model = patched(config)
+    with pytest.raises(ValueError, match="2 entries but the batch has 3 rows"), peft.task_ids(model, [0, 0]):
+        model(torch.randint(0, V, (3, 4)))
+    enc = model.prefix_encoder
+    with torch.no_grad():
+        enc.embedding.add_(1.0)
+        P = linear(torch.tanh(linear(enc.embedding, enc.mlp[0])), enc.mlp[2]).view(1, 3, model.config.n_layer, 2, -1)
+        key, value = model.encoder.blocks[1].attn.prefix()
+    torch.testing.assert_close(key, P[:, :, 1, 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(value, P[:, :, 1, 1], atol=1e-6, rtol=1e-6)
+
+
+def test_prefix_attention_output_gets_the_residual_dropout():
+    """Training with dropout p = 0.5 (attention weights' dropout set to 0 here): the prefixed attention's output is
+    dropout(W_O heads), each entry 0 or the by-hand value / (1 - p); in evaluation, the by-hand value itself."""
+    base = tiny(dropout=0.5)
+    plain = copy.deepcopy(base)
+    model = peft.get_peft_model(base, peft.PTuningV2Config(num_virtual_tokens=3))
+    layer = model.encoder.blocks[0].attn
+    layer.base.attn_dropout = 0.0
+    x = torch.randn(2, 5, model.config.n_embd)
+    with torch.no_grad():
+        pk, pv = layer.prefix_key[0].expand(2, -1, -1), layer.prefix_value[0].expand(2, -1, -1)
+        clean = attention_by_hand(x, plain.encoder.blocks[0].attn, model.config.n_head, pk, pv)
+        torch.manual_seed(0)
+        out = layer.train()(x)
+        torch.testing.assert_close(layer.eval()(x), clean, atol=1e-5, rtol=1e-5)
+    zero = out == 0
+    assert 0.3 < zero.float().mean() < 0.7
+    torch.testing.assert_close(out[~zero], (clean / 0.5)[~zero], atol=1e-5, rtol=1e-5)
+
+
 # -- dropout and initialisation -----------------------------------------------------------------------------------
 
 
@@ -591,6 +694,10 @@ def test_the_lstm_encoder_has_its_dropout_between_layers():
     no_dropout = peft.get_peft_model(tiny(), dataclasses.replace(config, encoder_dropout=0.0)).input_layer.prompt
     no_dropout.train()
     assert torch.equal(no_dropout(), no_dropout())
+    disable_dropout(model)  # what the reward model and PPO do: training passes become one function
+    encoder.train()
+    assert encoder.lstm_head.dropout == 0.0
+    torch.testing.assert_close(encoder()[0], by_hand, atol=1e-5, rtol=1e-5)
 
 
 def test_free_prompts_and_prefixes_start_as_an_embedding_does():
@@ -601,6 +708,7 @@ def test_free_prompts_and_prefixes_start_as_an_embedding_does():
         peft.get_peft_model(tiny(), peft.PTuningConfig(**sizes)).input_layer.prompt.embedding,
         peft.get_peft_model(tiny(), peft.PrefixTuningConfig(**sizes)).prefix_encoder.embedding,
         peft.get_peft_model(tiny(), peft.PTuningV2Config(**sizes)).encoder.blocks[1].attn.prefix_key,
+        peft.get_peft_model(tiny(), peft.PTuningV2Config(**sizes)).encoder.blocks[0].attn.prefix_value,
     ]
     for t in tensors:
         assert abs(t.std().item() - 1) < 0.05 and abs(t.mean().item()) < 0.05
@@ -626,6 +734,10 @@ def test_shift_positions_puts_the_real_tokens_behind_the_prefix():
     model(torch.randint(0, V, (1, 28)))  # block 32 - 4 positions
     with pytest.raises(ValueError, match=r"29 tokens is too long.*shift_positions.*28"):
         model(torch.randint(0, V, (1, 29)))
+    cache = KVCache(model.config.n_layer)
+    model(torch.randint(0, V, (1, 26)), cache=cache)  # cached 26 + new 3 = 29 real tokens: too long as well
+    with pytest.raises(ValueError, match=r"29 tokens is too long.*shift_positions.*28"):
+        model(torch.randint(0, V, (1, 3)), cache=cache)
     with peft.disable_adapters(model):
         assert torch.equal(model(x)[0], plain(x)[0])
     peft.unload(model)
