@@ -177,13 +177,16 @@ class OutputLayer(nn.Module):
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """p = 0 in every nn.Dropout and in the attention's dropout (CausalSelfAttention keeps it as a float). The reward
-    model and PPO need it: a score or a log-probability must be the same function each time it is computed."""
+    """p = 0 in every nn.Dropout, in the attention's dropout (CausalSelfAttention keeps it as a float) and between
+    the layers of a recurrent module (P-Tuning's LSTM prompt encoder). The reward model and PPO need it: a score or a
+    log-probability must be the same function each time it is computed."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
         if isinstance(m, CausalSelfAttention):
             m.attn_dropout = 0.0
+        if isinstance(m, nn.RNNBase):
+            m.dropout = 0.0
 
 
 class GPT(nn.Module):
