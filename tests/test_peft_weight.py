@@ -408,6 +408,48 @@ def test_merge_errors():
     assert not any(layer.merged for layer in peft.adapter_layers(tied))
 
 
+@pytest.mark.parametrize("config", [peft.LoraConfig(r=4, alpha=8, target_modules=ALL_LINEAR), peft.IA3Config()])
+def test_merge_holds_the_pre_merge_copies_only_while_merged_and_outside_the_state_dict(config):
+    """MergeableLayer's docstring: the pre-merge weight (and, for IA3's output scaling, bias) is kept as a
+    non-persistent buffer while merged, and dropped by unmerge: a copy of every adapted weight must neither stay in
+    memory after unmerging nor land in a checkpoint written while merged."""
+    model = tiny()
+    peft.get_peft_model(model, config)
+    randomise(model)
+    layers = [m for m in model.modules() if isinstance(m, peft.base.MergeableLayer)]
+    originals = [(m.base.weight.detach().clone(), m.base.bias.detach().clone()) for m in layers]
+    keys, buffers = set(model.state_dict()), set(dict(model.named_buffers()))
+    peft.merge(model)
+    assert set(model.state_dict()) == keys
+    for layer, (W, b) in zip(layers, originals):
+        assert torch.equal(layer.weight_before_merge, W)
+        bias_scaled = isinstance(layer, peft.ia3.IA3Linear) and not layer.scale_input  # l ⊙ (W x + b)
+        assert (layer.bias_before_merge is not None) == bias_scaled
+        if bias_scaled:
+            assert torch.equal(layer.bias_before_merge, b)
+    peft.unmerge(model)
+    assert all(m.weight_before_merge is None and m.bias_before_merge is None for m in layers)
+    assert set(dict(model.named_buffers())) == buffers
+
+
+def test_merge_and_unmerge_refuse_a_partly_merged_model_and_change_nothing():
+    """One layer merged by hand (layer.merge()): peft.merge must refuse before merging the others, and peft.unmerge
+    must refuse before unmerging the merged one, so the model is never left in a third, mixed state."""
+    model = tiny()
+    peft.get_peft_model(model, peft.LoraConfig(r=4, alpha=8))
+    randomise(model)
+    layers = peft.adapter_layers(model)  # blocks.0 query, value, blocks.1 query, value
+    assert len(layers) == 4
+    layers[3].merge()  # the last one: a merge that went ahead would merge the three before it first
+    with pytest.raises(ValueError, match="already merged"):
+        peft.merge(model)
+    assert [layer.merged for layer in layers] == [False, False, False, True]
+    layers[0].merge()  # the first one: an unmerge that went ahead would unmerge it first
+    with pytest.raises(ValueError, match="not merged"):
+        peft.unmerge(model)
+    assert [layer.merged for layer in layers] == [True, False, False, True]
+
+
 # -- disable, save / load, unload -----------------------------------------------------------------------------------
 
 
@@ -921,6 +963,93 @@ def test_adapter_gradients_by_hand():
                           (down.weight.grad, dz.T @ h), (down.bias.grad, dz.sum(0))):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert all(p.grad is None for p in layer.base.parameters())
+
+
+def randomised_layer(layer, seed=5):
+    """Every own tensor of a standalone PEFT layer (and its base) moved to random values, so each term counts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return layer
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_input_gradient_is_g_times_the_adapted_weight(use_dora):
+    """h = W' x + b, so dL/dx = G W' with W' = W_0 + s B A (LoRA) or (m / n) ⊙ (W_0 + s B A) row by row (DoRA; n
+    depends on the weights only). The gradient reaching the layers below must cross the low-rank branch and, for
+    DoRA, the (m / n - 1) W_0 x term: detaching either would train the adapters underneath on the wrong gradient."""
+    torch.manual_seed(0)
+    layer = randomised_layer(peft.lora.LoraLinear(nn.Linear(16, 12), r=3, scaling=1.5, dropout=0.0,
+                                                  use_dora=use_dora))
+    x, G = torch.randn(5, 16, requires_grad=True), torch.randn(5, 12)
+    (layer(x) * G).sum().backward()
+    W, A, B = (t.detach() for t in (layer.base.weight, layer.lora_A, layer.lora_B))
+    W_adapted = W + 1.5 * B @ A
+    if use_dora:
+        m = layer.lora_magnitude.detach()
+        W_adapted = (m / torch.sqrt((W_adapted**2).sum(dim=1)))[:, None] * W_adapted
+    torch.testing.assert_close(x.grad, G @ W_adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_ia3_input_gradient_by_hand(scale_input):
+    """l ⊙ (W x + b): dL/dx = (G ⊙ l) W; W (l ⊙ x) + b: dL/dx = (G W) ⊙ l. The vector must scale the gradient that
+    flows on to the layers below, not only the forward pass."""
+    torch.manual_seed(0)
+    layer = randomised_layer(peft.ia3.IA3Linear(nn.Linear(16, 12), "l", scale_input=scale_input))
+    x, G = torch.randn(5, 16, requires_grad=True), torch.randn(5, 12)
+    (layer(x) * G).sum().backward()
+    W, l = layer.base.weight.detach(), layer.l.detach()
+    expected = (G @ W) * l if scale_input else (G * l) @ W
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_input_gradient_by_hand():
+    """y = h + W_up f(W_down h + b_down) + b_up, h = W_0 x + b_0: dL/dh = G + ((G W_up) ⊙ f'(z)) W_down, dL/dx =
+    (dL/dh) W_0. Both the skip connection and the bottleneck carry gradient back; a detached bottleneck input would
+    leave only G."""
+    torch.manual_seed(0)
+    layer = randomised_layer(peft.adapter.BottleneckAdapter(nn.Linear(12, 12), 12, 3, "gelu", 1e-3))
+    x, G = torch.randn(5, 12, requires_grad=True), torch.randn(5, 12)
+    (layer(x) * G).sum().backward()
+    W0, b0 = layer.base.weight.detach(), layer.base.bias.detach()
+    down, up = layer.adapter_down, layer.adapter_up
+    h = x.detach() @ W0.T + b0
+    z = h @ down.weight.detach().T + down.bias.detach()
+    dh = G + ((G @ up.weight.detach()) * gelu_tanh_grad(z)) @ down.weight.detach()
+    torch.testing.assert_close(x.grad, dh @ W0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, f",
+    [
+        ("gelu", gelu_tanh),  # BERT's tanh form, 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))
+        ("relu", lambda z: torch.where(z > 0, z, torch.zeros_like(z))),
+        ("swish", lambda z: z / (1 + torch.exp(-z))),  # z sigmoid(z)
+        ("tanh", lambda z: (torch.exp(z) - torch.exp(-z)) / (torch.exp(z) + torch.exp(-z))),
+    ],
+)
+def test_adapter_non_linearity_is_the_named_function(name, f):
+    """AdapterConfig.non_linearity reaches the bottleneck as the function it names, written out by hand. The
+    pre-activations span several units (where GELU's tanh form and its erf form differ by ~1e-4, and Mish, Hardtanh
+    or SiLU differ from swish, tanh and ReLU by far more), and W_up is O(1), so a swapped function shows."""
+    model = tiny()
+    peft.get_peft_model(model, peft.AdapterConfig(reduction_factor=8, non_linearity=name))
+    mlp = model.encoder.blocks[0].mlp
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 5, 32, generator=g)
+    h = plain_mlp(x, mlp.base).detach()
+    mean = h.mean(dim=(0, 1))  # the MLP's output varies little around its bias: W_down sized so that z is O(2)
+    with torch.no_grad():
+        W_down = 2 * torch.randn(mlp.adapter_down.weight.shape, generator=g) / ((h - mean).std() * math.sqrt(32))
+        mlp.adapter_down.weight.copy_(W_down)
+        mlp.adapter_down.bias.copy_(0.5 * torch.randn(mlp.adapter_down.bias.shape, generator=g) - W_down @ mean)
+        mlp.adapter_up.weight.copy_(torch.randn(mlp.adapter_up.weight.shape, generator=g))
+    z = h @ mlp.adapter_down.weight.T + mlp.adapter_down.bias  # (3, 5, m)
+    assert z.abs().max() > 3 and ((z.abs() > 0.5) & (z.abs() < 3)).float().mean() > 0.4
+    expected = h + f(z) @ mlp.adapter_up.weight.T + mlp.adapter_up.bias
+    torch.testing.assert_close(mlp(x), expected, atol=2e-6, rtol=0)
 
 
 def test_bitfit_gradients_by_hand():
