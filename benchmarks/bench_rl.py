@@ -2,17 +2,20 @@
 
     python benchmarks/bench_rl.py --from out/pipeline     # the SFT and reward models make demo trained
     python benchmarks/bench_rl.py                         # trains them first (the pipeline's first three stages)
-    python benchmarks/bench_rl.py --seeds 0 --methods ppo_rm,grpo_checker --jobs 2
+    python benchmarks/bench_rl.py --seeds 0 --methods ppo_rm,grpo_checker --budget 1920 --jobs 2
 
 Rows: the SFT model, then PPO with the reward model (beta 0.5 and lr 2e-5, the pipeline's setting when the table was
-first measured, and beta 1 at lr 1e-5, its default since), PPO with the verifiable reward (the world's checker), GRPO with
-the verifiable reward, DPO on the built-in preference pairs, and DPO on on-policy pairs (the SFT model's own samples
-ordered by the checker). Every RL method gets the same budget of sampled responses (BUDGET: PPO 30 steps x 64, GRPO
-30 steps x 8 prompts x 8, DPO's on-policy pairs from 480 prompts x 4); DPO on the built-in pairs samples nothing and
-trains as many optimizer steps as DPO on on-policy pairs. Each method runs with several seeds (the seed of its
-sampling and order); every run is evaluated on the same held-out prompts (rlhf.evaluate, 4 samples a prompt at
-temperature 1), and the table gives the mean over seeds +- their standard deviation, plus the gain in greedy
-accuracy over the SFT model on the same prompts (paired) +- its standard error. Runs go to worker processes
+first measured, and beta 1 at lr 1e-5, its default since), PPO with the verifiable reward (the world's checker; beta 0.1,
+2 passes of minibatches of 32 a rollout, temperature 0.7: the recipe of rl_greedy.md), GRPO with the verifiable reward
+(temperature 0.7, its defaults otherwise), DPO on the built-in preference pairs, and DPO on on-policy pairs (the SFT
+model's own samples ordered by the checker). Every RL method gets the same budget of sampled responses (--budget B,
+default 7,680: PPO B/64 steps x 64, GRPO B/64 steps x 8 prompts x 8, DPO's on-policy pairs from B/4 prompts x 4, then
+B/10 optimizer steps); DPO on the built-in pairs samples nothing and trains as many optimizer steps as DPO on on-policy
+pairs. Each method runs with several seeds (the seed of its sampling and order); every run is evaluated on the same
+held-out prompts (rlhf.evaluate, 4 samples a prompt at temperature 1), and the table gives the mean over seeds +- their
+standard deviation, the gain in greedy accuracy over the SFT model on the same prompts (paired) +- its standard error,
+and the greedy gain on a larger set of distinct held-out prompts (--gain-prompts), averaged over the seeds per prompt,
++- its standard error: a gain of a few points needs that many prompts to stand out. Runs go to worker processes
 (--jobs), each on one thread. Writes benchmarks/results/rl.md, rl.json and rl.png.
 """
 
@@ -30,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-BUDGET = 1920  # sampled responses per RL run
+BUDGET = 7680  # sampled responses per RL run (the default of --budget)
 METHODS = {
     "ppo_rm": "PPO + reward model",
     "ppo_rm_beta1": "PPO + reward model, beta 1, lr 1e-5",
@@ -44,8 +47,9 @@ COLUMNS = [("greedy_accuracy", "greedy accuracy", True), ("sampled_accuracy", "s
            ("remarks", "remarks after the answer", True), ("kl", "KL to SFT (nats)", False)]
 
 
-def configs(method: str, seed: int, out: str) -> dict:
-    """The settings of one run: the algorithm's config (and DPO's training config), as plain values."""
+def configs(method: str, seed: int, out: str, budget: int = BUDGET) -> dict:
+    """The settings of one run with budget sampled responses: the algorithm's config (and DPO's training config), as
+    plain values."""
     import dataclasses
 
     from minigpt.train import TrainConfig
@@ -53,22 +57,26 @@ def configs(method: str, seed: int, out: str) -> dict:
     from rlhf.grpo import GRPOConfig
     from rlhf.ppo import PPOConfig
 
+    steps = budget // 64
+    if method == "ppo_checker":  # the recipe that gained greedy accuracy (rl_greedy.md): GRPO's 4 updates a rollout
+        return {"ppo": dataclasses.asdict(PPOConfig(steps=steps, batch_size=64, minibatch_size=32, ppo_epochs=2,
+                                                    temperature=0.7, lr=2e-5, vf_lr=1e-3, beta=0.1, seed=seed))}
     if method.startswith("ppo"):  # beta 0.5, lr 2e-5 (the pipeline's earlier setting); ppo_rm_beta1: its default now
         beta, lr = (1.0, 1e-5) if method == "ppo_rm_beta1" else (0.5, 2e-5)
-        return {"ppo": dataclasses.asdict(PPOConfig(steps=BUDGET // 64, batch_size=64, minibatch_size=16, lr=lr,
+        return {"ppo": dataclasses.asdict(PPOConfig(steps=steps, batch_size=64, minibatch_size=16, lr=lr,
                                                     vf_lr=1e-3, beta=beta, seed=seed))}
     if method == "grpo_checker":
-        return {"grpo": dataclasses.asdict(GRPOConfig(steps=BUDGET // 64, prompts_per_step=8, group_size=8,
+        return {"grpo": dataclasses.asdict(GRPOConfig(steps=steps, prompts_per_step=8, group_size=8, temperature=0.7,
                                                       seed=seed))}
-    dcfg = DPOConfig(pairs="builtin" if method == "dpo_builtin" else "on_policy", on_policy_prompts=BUDGET // 4,
+    dcfg = DPOConfig(pairs="builtin" if method == "dpo_builtin" else "on_policy", on_policy_prompts=budget // 4,
                      samples_per_prompt=4)
-    tcfg = TrainConfig(max_iters=200, batch_size=16, lr=1e-5, min_lr=1e-6, warmup_iters=10, weight_decay=0.0,
+    tcfg = TrainConfig(max_iters=budget // 10, batch_size=16, lr=1e-5, min_lr=1e-6, warmup_iters=10, weight_decay=0.0,
                        eval_interval=50, eval_iters=1, log_interval=5, out_dir=out, seed=1337 + seed, progress=False,
                        overwrite=True)
     return {"dpo": dataclasses.asdict(dcfg), "train": dataclasses.asdict(tcfg)}
 
 
-def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int) -> dict:
+def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int, budget: int = BUDGET) -> dict:
     """One method with one seed, in a worker process; returns its evaluation before and after, and its wall time.
     A run whose bench.json records the same settings is read back instead of run again."""
     import torch
@@ -81,7 +89,7 @@ def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int) -> d
     from rlhf.ppo import PPOConfig, run_ppo
 
     settings = {"method": method, "seed": seed, "base": base, "eval_prompts": eval_prompts,
-                **configs(method, seed, out)}
+                **configs(method, seed, out, budget)}
     saved = Path(out) / "bench.json"
     if saved.is_file():
         done = json.loads(saved.read_text())
@@ -124,7 +132,8 @@ def summarize(runs: list[dict]) -> dict:
     return table
 
 
-def write_table(table: dict, runs: list[dict], path: Path, args) -> str:
+def write_table(table: dict, runs: list[dict], path: Path, args, wide: dict | None = None) -> str:
+    """rl.md: the table, and under "wide" (from wide_gains) a last column of greedy gains on more prompts."""
     from rlhf.evaluate import fmt
 
     n = runs[0]["before"]["n_prompts"]
@@ -132,24 +141,30 @@ def write_table(table: dict, runs: list[dict], path: Path, args) -> str:
     load = os.getloadavg()
     lines = ["# Every alignment method from the same SFT model", "",
              f"{n} held-out prompts (the built-in PPO test prompts), 4 samples each at temperature 1; the same SFT "
-             f"model ({sft}) and reward model for every run; each RL method sampled {BUDGET:,} responses "
+             f"model ({sft}) and reward model for every run; each RL method sampled {args.budget:,} responses "
              f"(DPO on the built-in pairs none). Cells: mean over {max(r.get('seeds', 1) for r in table.values())} "
              "seeds +- their standard deviation (the SFT row: one evaluation +- its standard error over prompts). "
              "Greedy gain: greedy accuracy minus the SFT model's on the same prompts, with the paired standard "
-             "error of one run.", "",
-             "| method | " + " | ".join(label for _, label, _ in COLUMNS) + " | greedy gain (paired SE) | wall time |",
-             "|---|" + "---:|" * (len(COLUMNS) + 2)]
+             "error of one run." + ("" if wide is None else
+             f" Greedy gain on {wide['n_prompts']}: on the {wide['n_prompts']} distinct prompts among the first "
+             f"{args.gain_prompts} held-out ones (the SFT model {100 * wide['sft_accuracy']:.1f}% greedy there), "
+             "each prompt's change averaged over the seeds, +- its standard error over prompts."), "",
+             "| method | " + " | ".join(label for _, label, _ in COLUMNS) + " | greedy gain (paired SE) | "
+             + ("" if wide is None else f"greedy gain on {wide['n_prompts']} (SE) | ") + "wall time |",
+             "|---|" + "---:|" * (len(COLUMNS) + 2 + (wide is not None))]
     sft = runs[0]["before"]
     cells = [fmt(sft[k], percent=pct) if k in sft else "-" for k, _, pct in COLUMNS]
-    lines.append("| SFT | " + " | ".join(cells) + " | - | - |")
+    lines.append("| SFT | " + " | ".join(cells) + " | - |" + ("" if wide is None else " - |") + " - |")
     for method, label in METHODS.items():
         row = table.get(method)
         if row is None:
             continue
         cells = [fmt(row[k], percent=pct) if k in row else "-" for k, _, pct in COLUMNS]
         g = row["gain"]
+        w = "" if wide is None else (f" {100 * wide['methods'][method]['mean']:+.1f} "
+                                     f"({100 * wide['methods'][method]['se']:.1f}) |")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * g['mean']:+.1f} +- {100 * g['sd']:.1f} "
-                     f"({100 * row['gain_se']:.1f}) | {row['wall_s']['mean']:.0f} s |")
+                     f"({100 * row['gain_se']:.1f}) |{w} {row['wall_s']['mean']:.0f} s |")
     lines += ["", "Wall time: one run's, from loading the models to saving the policy, the evaluations before and "
               "after included, on one thread while other runs shared the CPUs (load average when this table was "
               f"written: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; runs read back from bench.json may come from "
@@ -217,33 +232,56 @@ def headroom(base: str, eval_prompts: int, path: Path, k: int = 16, temperatures
     return text
 
 
+def distinct_prompts(eval_prompts: int) -> list[dict]:
+    """The distinct prompts among the first eval_prompts built-in held-out ones: a small family repeats in a long
+    list, and a prompt counted twice would weigh double in a standard error."""
+    from rlhf.prompts import builtin_prompts
+
+    test, seen = [], set()
+    for ex in builtin_prompts(n_test=eval_prompts)[1]:
+        if (ex["instruction"], ex["input"]) not in seen:
+            seen.add((ex["instruction"], ex["input"]))
+            test.append(ex)
+    return test
+
+
+def greedy_correct(folder: str, test: list[dict]) -> list[float]:
+    """1.0 or 0.0 for each prompt of test: whether the greedy answer of the model in folder passes the checker."""
+    import torch
+
+    from minigpt import checkpoint, tasks
+    from rlhf.evaluate import greedy_answers
+
+    with torch.no_grad():
+        model, tok = checkpoint.load_model(folder)
+        return [float(tasks.check_answer(ex, a)) for ex, a in zip(test, greedy_answers(model, tok, test))]
+
+
+def wide_gains(base: str, groups: dict[str, list[str]], eval_prompts: int) -> dict:
+    """For each method's runs (policy folders, one per seed), the greedy gain over base's SFT model on the distinct
+    prompts among eval_prompts held-out ones, each prompt's change averaged over the runs (gain_over_seeds)."""
+    from rlhf.evaluate import gain_over_seeds
+
+    test = distinct_prompts(eval_prompts)
+    before = greedy_correct(f"{base}/sft", test)
+    methods = {m: gain_over_seeds(before, [greedy_correct(run, test) for run in runs]) for m, runs in groups.items()}
+    return {"n_prompts": len(test), "sft_accuracy": statistics.fmean(before), "methods": methods}
+
+
 def greedy_gain(base: str, groups: list[list[str]], eval_prompts: int, path: Path) -> str:
     """The greedy accuracy of each run's policy against the SFT model of base on the distinct prompts among
     eval_prompts held-out ones: a larger set than the table's, as a gain of a few points needs one to stand out.
     Each run's paired gain and, for each group of runs (one method's seeds), the change averaged over its runs per
     prompt (gain_over_seeds), with standard errors."""
-    import torch
+    from rlhf.evaluate import gain_over_seeds, mean_se
 
-    from minigpt import checkpoint, tasks
-    from rlhf.evaluate import gain_over_seeds, greedy_answers, mean_se
-    from rlhf.prompts import builtin_prompts
-
-    test, seen = [], set()
-    for ex in builtin_prompts(n_test=eval_prompts)[1]:  # a small family repeats in a long list: each prompt once
-        if (ex["instruction"], ex["input"]) not in seen:
-            seen.add((ex["instruction"], ex["input"]))
-            test.append(ex)
-
-    def correct(folder):
-        with torch.no_grad():
-            model, tok = checkpoint.load_model(folder)
-            return [float(tasks.check_answer(ex, a)) for ex, a in zip(test, greedy_answers(model, tok, test))]
+    test = distinct_prompts(eval_prompts)
 
     def row(name, accuracy, gain, extra=""):
         ratio = gain["mean"] / gain["se"] if gain["se"] else float("nan")
         return f"| {name} | {accuracy:.1%} | {100 * gain['mean']:+.2f} ({100 * gain['se']:.2f}) | {ratio:.2f} |{extra}"
 
-    before = correct(f"{base}/sft")
+    before = greedy_correct(f"{base}/sft", test)
     flags = " ".join(f"--greedy-gain {','.join(g)}" for g in groups)
     lines = ["# Greedy accuracy on a larger held-out set", "",
              f"{len(test)} distinct held-out prompts (of the first {eval_prompts} built-in PPO test prompts); the SFT "
@@ -253,7 +291,7 @@ def greedy_gain(base: str, groups: list[list[str]], eval_prompts: int, path: Pat
              "| run | greedy accuracy | gain (SE) | gain / SE | prompts gained | prompts lost |",
              "|---|---:|---:|---:|---:|---:|"]
     for runs in groups:
-        afters = [correct(run) for run in runs]
+        afters = [greedy_correct(run, test) for run in runs]
         for run, after in zip(runs, afters):
             gain = dict(zip(("mean", "se"), mean_se([a - b for a, b in zip(after, before)])))
             lines.append(row(run, statistics.fmean(after), gain, f" {sum(a > b for a, b in zip(after, before))} | "
@@ -274,6 +312,10 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts (default 200)")
+    p.add_argument("--budget", type=int, default=BUDGET, help=f"sampled responses per RL run (default {BUDGET}; "
+                   "a multiple of 64)")
+    p.add_argument("--gain-prompts", type=int, default=1000, help="held-out prompts whose distinct ones measure the "
+                   "wide greedy gain, per prompt over seeds (default 1000; 0: none)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where rl.md, rl.json, rl.png go")
     p.add_argument("--headroom", action="store_true", help="instead: what the SFT model of --from already samples "
@@ -296,24 +338,28 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+    if args.budget < 64 or args.budget % 64:
+        p.error(f"--budget must be a positive multiple of 64 (PPO's and GRPO's responses a step), got {args.budget}")
     if args.base is None:
         from rlhf import pipeline
 
         args.base = f"{args.out}/base"
         pipeline.main(["--out-dir", args.base, "--no-progress", "--stages", "pretrain,sft,reward"])
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(m, s, args.base, f"{args.out}/{m}/seed{s}", args.eval_prompts) for m in methods for s in seeds]
+    jobs = [(m, s, args.base, f"{args.out}/{m}/seed{s}", args.eval_prompts, args.budget) for m in methods for s in seeds]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(run_one, *zip(*jobs)))
     table = summarize(runs)
+    wide = None if not args.gain_prompts else wide_gains(
+        args.base, {m: [f"{args.out}/{m}/seed{s}" for s in seeds] for m in methods}, args.gain_prompts)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "rl.json").write_text(json.dumps({"table": table, "runs": [
         {k: v for k, v in r.items() if k not in ("before", "after")} | {"after": strip(r["after"])}
         for r in runs], "sft": strip(runs[0]["before"]), "total_s": time.perf_counter() - t0,
-        "load_at_end": os.getloadavg()}, indent=1))
-    print(write_table(table, runs, results / "rl.md", args))
+        "wide_greedy_gain": wide, "load_at_end": os.getloadavg()}, indent=1))
+    print(write_table(table, runs, results / "rl.md", args, wide))
     plot(table, results / "rl.png")
 
 

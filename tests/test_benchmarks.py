@@ -138,3 +138,38 @@ def test_rl_greedy_gain_pairs_each_run_with_the_sft_model_on_distinct_prompts(tm
     assert f"| the 2 run(s) above, averaged per prompt | 75.0% | +25.00 ({100 * se_mean:.2f}) |" in text
     assert f"| the 1 run(s) above, averaged per prompt | 100.0% | +50.00 ({100 * se_b:.2f}) |" in text  # b's group alone
     assert (tmp_path / "g.md").read_text() == text
+
+
+def test_rl_table_gives_every_method_the_same_budget_of_sampled_responses():
+    bench_rl = load("bench_rl")
+    for budget in (1920, 7680):
+        c = {m: bench_rl.configs(m, 0, "out/x", budget) for m in bench_rl.METHODS}
+        for m in ("ppo_rm", "ppo_rm_beta1", "ppo_checker"):
+            assert c[m]["ppo"]["steps"] * c[m]["ppo"]["batch_size"] == budget
+        g = c["grpo_checker"]["grpo"]
+        assert g["steps"] * g["prompts_per_step"] * g["group_size"] == budget
+        d = c["dpo_on_policy"]["dpo"]
+        assert d["pairs"] == "on_policy" and d["on_policy_prompts"] * d["samples_per_prompt"] == budget
+        assert c["dpo_builtin"]["dpo"]["pairs"] == "builtin"
+        assert c["dpo_builtin"]["train"]["max_iters"] == c["dpo_on_policy"]["train"]["max_iters"] == budget // 10
+    ppo = bench_rl.configs("ppo_checker", 0, "out/x")["ppo"]  # rl_greedy.md's recipe: 2 passes of 32 = 4 updates
+    assert (ppo["ppo_epochs"], ppo["minibatch_size"], ppo["beta"], ppo["temperature"]) == (2, 32, 0.1, 0.7)
+
+
+def test_rl_wide_gain_averages_each_prompt_over_seeds_on_distinct_prompts(tmp_path, monkeypatch):
+    from minigpt import checkpoint
+    from rlhf import evaluate, prompts
+
+    bench_rl = load("bench_rl")
+    rows = [{"instruction": f"q{i}", "input": "", "output": "yes", "prompt": f"q{i}"} for i in range(4)]
+    monkeypatch.setattr(prompts, "builtin_prompts", lambda n_test: ([], rows + rows[:1]))  # q0 twice
+    monkeypatch.setattr(checkpoint, "load_model", lambda folder: (folder, None))
+    answers = {"base/sft": "yes no no no", "a0": "yes yes no no", "a1": "no yes yes no", "b0": "no no no no"}
+    monkeypatch.setattr(evaluate, "greedy_answers", lambda model, tok, examples: answers[model].split()[:len(examples)])
+    wide = bench_rl.wide_gains("base", {"a": ["a0", "a1"], "b": ["b0"]}, 5)
+    assert wide["n_prompts"] == 4 and wide["sft_accuracy"] == 0.25
+    a = [-0.5, 1.0, 0.5, 0.0]  # per prompt: the two seeds' mean less the SFT model's
+    mean_a = sum(a) / 4
+    se_a = math.sqrt(sum((x - mean_a) ** 2 for x in a) / 3) / 2
+    assert wide["methods"]["a"]["mean"] == pytest.approx(mean_a) and wide["methods"]["a"]["se"] == pytest.approx(se_a)
+    assert wide["methods"]["b"]["mean"] == pytest.approx(-0.25)
