@@ -173,3 +173,20 @@ def test_rl_wide_gain_averages_each_prompt_over_seeds_on_distinct_prompts(tmp_pa
     se_a = math.sqrt(sum((x - mean_a) ** 2 for x in a) / 3) / 2
     assert wide["methods"]["a"]["mean"] == pytest.approx(mean_a) and wide["methods"]["a"]["se"] == pytest.approx(se_a)
     assert wide["methods"]["b"]["mean"] == pytest.approx(-0.25)
+
+
+def test_rl_table_rows_have_as_many_cells_as_the_header_with_and_without_the_wide_column(tmp_path):
+    import types
+
+    bench_rl = load("bench_rl")
+    ev = {k: {"mean": 0.5, "se": 0.1} for k, _, _ in bench_rl.COLUMNS} | {"n_prompts": 4}
+    table = {"sft": {}, "grpo_checker": {k: {"mean": 0.5, "sd": 0.1} for k, _, _ in bench_rl.COLUMNS}
+             | {"gain": {"mean": 0.02, "sd": 0.01}, "gain_se": 0.03, "wall_s": {"mean": 9.0, "sd": 0.0}, "seeds": 3}}
+    args = types.SimpleNamespace(base="out/pipeline", budget=128, gain_prompts=10)
+    wide = {"n_prompts": 7, "sft_accuracy": 0.5, "methods": {"grpo_checker": {"mean": 0.031, "se": 0.012}}}
+    for w in (None, wide):
+        text = bench_rl.write_table(table, [{"before": ev}], tmp_path / "rl.md", args, w)
+        rows = [line for line in text.splitlines() if line.startswith("|")]
+        assert len(rows) == 4 and len({row.count("|") for row in rows}) == 1
+        assert rows[0].count("|") == len(bench_rl.COLUMNS) + 4 + (w is not None)
+    assert "| +3.1 (1.2) | 9 s |" in rows[-1] and "greedy gain on 7 (SE)" in rows[0] and "12 optimizer steps" in text
