@@ -48,7 +48,7 @@ bench-lora:  ## LoRA: train-step time vs full fine-tuning and HF peft, memory, m
 bench-peft: $(STAMP)  ## full fine-tuning and the 9 PEFT variants side by side (benchmarks/bench_peft.py, 30-85 min)
 	$(PY) benchmarks/bench_peft.py
 
-bench-rl: $(STAMP)  ## every alignment method from the same SFT model, 3 seeds, about 70 min on 2 cores (benchmarks/bench_rl.py --help; FROM=out/pipeline)
+bench-rl: $(STAMP)  ## every alignment method from the same SFT model, 3 seeds, about an hour on 2 cores (benchmarks/bench_rl.py --help; FROM=out/pipeline)
 	$(PY) benchmarks/bench_rl.py $(if $(FROM),--from $(FROM))
 
 notebooks: $(STAMP)  ## re-run the notebooks in full mode and save their outputs (one: make notebooks NB=06e_lora)

@@ -9,9 +9,9 @@ first measured, and beta 1 at lr 1e-5, its default since), PPO with the verifiab
 2 passes of minibatches of 32 a rollout, temperature 0.7: the recipe of rl_greedy.md), GRPO with the verifiable reward
 (temperature 0.7, its defaults otherwise), DPO on the built-in preference pairs, and DPO on on-policy pairs (the SFT
 model's own samples ordered by the checker). Every RL method gets the same budget of sampled responses (--budget B,
-default 7,680: PPO B/64 steps x 64, GRPO B/64 steps x 8 prompts x 8, DPO's on-policy pairs from B/4 prompts x 4, then
-B/10 optimizer steps); DPO on the built-in pairs samples nothing and trains as many optimizer steps as DPO on on-policy
-pairs. Each method runs with several seeds (the seed of its sampling and order); every run is evaluated on the same
+default 7,680: PPO B/64 steps x 64, GRPO B/64 steps x 8 prompts x 8, DPO's on-policy pairs from B/4 prompts x 4);
+DPO trains --dpo-steps optimizer steps (default 192) on either kind of pair, as 4x that over-optimised
+(rl_dpo_steps.md); DPO on the built-in pairs samples nothing. Each method runs with several seeds (the seed of its sampling and order); every run is evaluated on the same
 held-out prompts (rlhf.evaluate, 4 samples a prompt at temperature 1), and the table gives the mean over seeds +- their
 standard deviation, the gain in greedy accuracy over the SFT model on the same prompts (paired) +- its standard error,
 and the greedy gain on a larger set of distinct held-out prompts (--gain-prompts), averaged over the seeds per prompt,
@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BUDGET = 7680  # sampled responses per RL run (the default of --budget)
+DPO_STEPS = 192  # DPO's optimizer steps of 16 pairs (the default of --dpo-steps): 768 over-optimised (rl_dpo_steps.md)
 METHODS = {
     "ppo_rm": "PPO + reward model",
     "ppo_rm_beta1": "PPO + reward model, beta 1, lr 1e-5",
@@ -47,9 +48,9 @@ COLUMNS = [("greedy_accuracy", "greedy accuracy", True), ("sampled_accuracy", "s
            ("remarks", "remarks after the answer", True), ("kl", "KL to SFT (nats)", False)]
 
 
-def configs(method: str, seed: int, out: str, budget: int = BUDGET) -> dict:
+def configs(method: str, seed: int, out: str, budget: int = BUDGET, dpo_steps: int = DPO_STEPS) -> dict:
     """The settings of one run with budget sampled responses: the algorithm's config (and DPO's training config), as
-    plain values."""
+    plain values. DPO takes dpo_steps optimizer steps whatever the budget (its on-policy pairs grow with it)."""
     import dataclasses
 
     from minigpt.train import TrainConfig
@@ -70,13 +71,14 @@ def configs(method: str, seed: int, out: str, budget: int = BUDGET) -> dict:
                                                       seed=seed))}
     dcfg = DPOConfig(pairs="builtin" if method == "dpo_builtin" else "on_policy", on_policy_prompts=budget // 4,
                      samples_per_prompt=4)
-    tcfg = TrainConfig(max_iters=budget // 10, batch_size=16, lr=1e-5, min_lr=1e-6, warmup_iters=10, weight_decay=0.0,
+    tcfg = TrainConfig(max_iters=dpo_steps, batch_size=16, lr=1e-5, min_lr=1e-6, warmup_iters=10, weight_decay=0.0,
                        eval_interval=50, eval_iters=1, log_interval=5, out_dir=out, seed=1337 + seed, progress=False,
                        overwrite=True)
     return {"dpo": dataclasses.asdict(dcfg), "train": dataclasses.asdict(tcfg)}
 
 
-def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int, budget: int = BUDGET) -> dict:
+def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int, budget: int = BUDGET,
+            dpo_steps: int = DPO_STEPS) -> dict:
     """One method with one seed, in a worker process; returns its evaluation before and after, and its wall time.
     A run whose bench.json records the same settings is read back instead of run again."""
     import torch
@@ -89,7 +91,7 @@ def run_one(method: str, seed: int, base: str, out: str, eval_prompts: int, budg
     from rlhf.ppo import PPOConfig, run_ppo
 
     settings = {"method": method, "seed": seed, "base": base, "eval_prompts": eval_prompts,
-                **configs(method, seed, out, budget)}
+                **configs(method, seed, out, budget, dpo_steps)}
     saved = Path(out) / "bench.json"
     if saved.is_file():
         done = json.loads(saved.read_text())
@@ -152,7 +154,8 @@ def write_table(table: dict, runs: list[dict], path: Path, args, wide: dict | No
              "Settings (configs() in benchmarks/bench_rl.py): PPO + reward model at PPO's 4 epochs of minibatches of "
              "16 a rollout, temperature 1 (and 256 responses first to normalise the reward model's scores); PPO + "
              "verifiable reward at beta 0.1, lr 2e-5, 2 epochs of 32, temperature 0.7; GRPO at temperature 0.7, its "
-             f"defaults otherwise; DPO at beta 0.1, lr 1e-5, {args.budget // 10} optimizer steps.", "",
+             f"defaults otherwise; DPO at beta 0.1, lr 1e-5, {args.dpo_steps} optimizer steps of 16 pairs.",
+             "",
              "| method | " + " | ".join(label for _, label, _ in COLUMNS) + " | greedy gain (paired SE) | "
              + ("" if wide is None else f"greedy gain on {wide['n_prompts']} (SE) | ") + "wall time |",
              "|---|" + "---:|" * (len(COLUMNS) + 2 + (wide is not None))]
@@ -329,6 +332,8 @@ def main(argv=None):
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts (default 200)")
     p.add_argument("--budget", type=int, default=BUDGET, help=f"sampled responses per RL run (default {BUDGET}; "
                    "a multiple of 64)")
+    p.add_argument("--dpo-steps", type=int, default=DPO_STEPS, help=f"DPO's optimizer steps of 16 pairs, whatever the "
+                   f"budget (default {DPO_STEPS})")
     p.add_argument("--gain-prompts", type=int, default=1000, help="held-out prompts whose distinct ones measure the "
                    "wide greedy gain, per prompt over seeds (default 1000; 0: none)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
@@ -355,13 +360,16 @@ def main(argv=None):
         p.error(f"unknown methods {unknown}; expected some of {list(METHODS)}")
     if args.budget < 64 or args.budget % 64:
         p.error(f"--budget must be a positive multiple of 64 (PPO's and GRPO's responses a step), got {args.budget}")
+    if args.dpo_steps < 1:
+        p.error(f"--dpo-steps must be >= 1, got {args.dpo_steps}")
     if args.base is None:
         from rlhf import pipeline
 
         args.base = f"{args.out}/base"
         pipeline.main(["--out-dir", args.base, "--no-progress", "--stages", "pretrain,sft,reward"])
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(m, s, args.base, f"{args.out}/{m}/seed{s}", args.eval_prompts, args.budget) for m in methods for s in seeds]
+    jobs = [(m, s, args.base, f"{args.out}/{m}/seed{s}", args.eval_prompts, args.budget, args.dpo_steps)
+            for m in methods for s in seeds]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(run_one, *zip(*jobs)))

@@ -151,7 +151,9 @@ def test_rl_table_gives_every_method_the_same_budget_of_sampled_responses():
         d = c["dpo_on_policy"]["dpo"]
         assert d["pairs"] == "on_policy" and d["on_policy_prompts"] * d["samples_per_prompt"] == budget
         assert c["dpo_builtin"]["dpo"]["pairs"] == "builtin"
-        assert c["dpo_builtin"]["train"]["max_iters"] == c["dpo_on_policy"]["train"]["max_iters"] == budget // 10
+        assert c["dpo_builtin"]["train"]["max_iters"] == c["dpo_on_policy"]["train"]["max_iters"] == 192
+    assert all(bench_rl.configs(m, 0, "out/x", 7680, dpo_steps=50)["train"]["max_iters"] == 50
+               for m in ("dpo_builtin", "dpo_on_policy"))
     ppo = bench_rl.configs("ppo_checker", 0, "out/x")["ppo"]  # rl_greedy.md's recipe: 2 passes of 32 = 4 updates
     assert (ppo["ppo_epochs"], ppo["minibatch_size"], ppo["beta"], ppo["temperature"]) == (2, 32, 0.1, 0.7)
 
@@ -182,7 +184,7 @@ def test_rl_table_rows_have_as_many_cells_as_the_header_with_and_without_the_wid
     ev = {k: {"mean": 0.5, "se": 0.1} for k, _, _ in bench_rl.COLUMNS} | {"n_prompts": 4}
     table = {"sft": {}, "grpo_checker": {k: {"mean": 0.5, "sd": 0.1} for k, _, _ in bench_rl.COLUMNS}
              | {"gain": {"mean": 0.02, "sd": 0.01}, "gain_se": 0.03, "wall_s": {"mean": 9.0, "sd": 0.0}, "seeds": 3}}
-    args = types.SimpleNamespace(base="out/pipeline", budget=128, gain_prompts=10)
+    args = types.SimpleNamespace(base="out/pipeline", budget=128, gain_prompts=10, dpo_steps=12)
     wide = {"n_prompts": 7, "sft_accuracy": 0.5, "methods": {"grpo_checker": {"mean": 0.031, "se": 0.012}}}
     for w in (None, wide):
         text = bench_rl.write_table(table, [{"before": ev}], tmp_path / "rl.md", args, w)
