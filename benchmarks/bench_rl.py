@@ -5,17 +5,18 @@
     python benchmarks/bench_rl.py --seeds 0 --methods ppo_rm,grpo_checker --budget 1920 --jobs 2
 
 Rows: the SFT model, then PPO with the reward model (beta 0.5 and lr 2e-5, the pipeline's setting when the table was
-first measured, and beta 1 at lr 1e-5, its default since), PPO with the verifiable reward (the world's checker; beta 0.1,
-2 passes of minibatches of 32 a rollout, temperature 0.7: the recipe of rl_greedy.md), GRPO with the verifiable reward
-(temperature 0.7, its defaults otherwise), DPO on the built-in preference pairs, and DPO on on-policy pairs (the SFT
-model's own samples ordered by the checker). Every RL method gets the same budget of sampled responses (--budget B,
-default 7,680: PPO B/64 steps x 64, GRPO B/64 steps x 8 prompts x 8, DPO's on-policy pairs from B/4 prompts x 4);
+first measured, and beta 1 at lr 1e-5, its default since), PPO with the verifiable reward (the world's checker; beta
+0.1, 2 passes of minibatches of 32 a rollout, temperature 0.7: the recipe of rl_greedy.md), GRPO with the verifiable
+reward (temperature 0.7, its defaults otherwise), DPO on the built-in preference pairs, and DPO on on-policy pairs (the
+SFT model's own samples ordered by the checker). Every RL method gets the same budget of sampled responses (--budget
+B, default 7,680: PPO B/64 steps x 64, GRPO B/64 steps x 8 prompts x 8, DPO's on-policy pairs from B/4 prompts x 4);
 DPO trains --dpo-steps optimizer steps (default 192) on either kind of pair, as 4x that over-optimised
-(rl_dpo_steps.md); DPO on the built-in pairs samples nothing. Each method runs with several seeds (the seed of its sampling and order); every run is evaluated on the same
-held-out prompts (rlhf.evaluate, 4 samples a prompt at temperature 1), and the table gives the mean over seeds +- their
-standard deviation, the gain in greedy accuracy over the SFT model on the same prompts (paired) +- its standard error,
-and the greedy gain on a larger set of distinct held-out prompts (--gain-prompts), averaged over the seeds per prompt,
-+- its standard error: a gain of a few points needs that many prompts to stand out. Runs go to worker processes
+(rl_dpo_steps.md); DPO on the built-in pairs samples nothing. Each method runs with several seeds (the seed of its
+sampling and order); every run is evaluated on the same held-out prompts (rlhf.evaluate, 4 samples a prompt at
+temperature 1), and the table gives the mean over seeds +- their standard deviation, the gain in greedy accuracy over
+the SFT model on the same prompts (paired) +- its standard error, and the greedy gain on a larger set of distinct
+held-out prompts (--gain-prompts), averaged over the seeds per prompt, +- its standard error: a gain of a few points
+needs that many prompts to stand out. Runs go to worker processes
 (--jobs), each on one thread. Writes benchmarks/results/rl.md, rl.json and rl.png.
 """
 
@@ -134,6 +135,23 @@ def summarize(runs: list[dict]) -> dict:
     return table
 
 
+def settings(budget: int, dpo_steps: int) -> str:
+    """One sentence on the settings that differ between the methods, read from configs()."""
+    rm, checker = configs("ppo_rm", 0, "", budget)["ppo"], configs("ppo_checker", 0, "", budget)["ppo"]
+    grpo, dpo = configs("grpo_checker", 0, "", budget)["grpo"], configs("dpo_on_policy", 0, "", budget, dpo_steps)
+    def lr(x):
+        return str(x).replace("e-0", "e-")  # 2e-05 -> 2e-5
+
+    return (f"Settings (configs() in benchmarks/bench_rl.py): PPO + reward model at PPO's {rm['ppo_epochs']} epochs of "
+            f"minibatches of {rm['minibatch_size']} a rollout, temperature {rm['temperature']:g} (and "
+            f"{rm['normalize_samples']} responses first to normalise the reward model's scores); PPO + verifiable "
+            f"reward at beta {checker['beta']:g}, lr {lr(checker['lr'])}, {checker['ppo_epochs']} epochs of "
+            f"{checker['minibatch_size']}, temperature {checker['temperature']:g}; GRPO at temperature "
+            f"{grpo['temperature']:g}, its defaults otherwise; DPO at beta {dpo['dpo']['beta']:g}, lr "
+            f"{lr(dpo['train']['lr'])}, {dpo['train']['max_iters']} optimizer steps of {dpo['train']['batch_size']} "
+            "pairs.")
+
+
 def write_table(table: dict, runs: list[dict], path: Path, args, wide: dict | None = None) -> str:
     """rl.md: the table, and under "wide" (from wide_gains) a last column of greedy gains on more prompts."""
     from rlhf.evaluate import fmt
@@ -151,11 +169,7 @@ def write_table(table: dict, runs: list[dict], path: Path, args, wide: dict | No
              f" Greedy gain on {wide['n_prompts']}: on the {wide['n_prompts']} distinct prompts among the first "
              f"{args.gain_prompts} held-out ones (the SFT model {100 * wide['sft_accuracy']:.1f}% greedy there), "
              "each prompt's change averaged over the seeds, +- its standard error over prompts."), "",
-             "Settings (configs() in benchmarks/bench_rl.py): PPO + reward model at PPO's 4 epochs of minibatches of "
-             "16 a rollout, temperature 1 (and 256 responses first to normalise the reward model's scores); PPO + "
-             "verifiable reward at beta 0.1, lr 2e-5, 2 epochs of 32, temperature 0.7; GRPO at temperature 0.7, its "
-             f"defaults otherwise; DPO at beta 0.1, lr 1e-5, {args.dpo_steps} optimizer steps of 16 pairs.",
-             "",
+             settings(args.budget, args.dpo_steps), "",
              "| method | " + " | ".join(label for _, label, _ in COLUMNS) + " | greedy gain (paired SE) | "
              + ("" if wide is None else f"greedy gain on {wide['n_prompts']} (SE) | ") + "wall time |",
              "|---|" + "---:|" * (len(COLUMNS) + 2 + (wide is not None))]
@@ -193,7 +207,8 @@ def plot(table: dict, path: Path, wide: dict | None = None) -> None:
     labels = ["SFT"] + [METHODS[m] for m in names[1:]]
     panels = (("greedy_accuracy", "greedy accuracy"), ("sampled_accuracy", "sampled accuracy"),
               ("remarks", "remarks after the answer"), ("kl", "KL to SFT (nats)"))
-    fig, axes = plt.subplots(1, len(panels) + (wide is not None), figsize=(4 * (len(panels) + (wide is not None)), 4))
+    n_axes = len(panels) + (wide is not None)
+    fig, axes = plt.subplots(1, n_axes, figsize=(4 * n_axes, 4))
     for ax, (key, title) in zip(axes, panels):
         means = [table[m].get(key, {"mean": 0})["mean"] for m in names]
         sds = [table[m].get(key, {"sd": 0}).get("sd", 0) for m in names]
