@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
@@ -10,18 +11,23 @@ STAMP  := $(VENV)/.installed
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# the package and what it runs on (make demo, make chat); the test extras on top (make test and the rest)
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with its test extras
 
-demo: $(STAMP)  ## the four stages on the built-in data: pretrain, SFT, reward model, PPO (out/pipeline/report.md)
+demo: $(RUN_STAMP)  ## the four stages on the built-in data: pretrain, SFT, reward model, PPO (out/pipeline/report.md)
 	$(PY) -m rlhf.pipeline --out-dir out/pipeline
 
-chat: $(STAMP)  ## talk to the model make demo trained (out/pipeline/ppo; MODEL=out/pipeline/sft for the SFT model)
+chat: $(RUN_STAMP)  ## talk to the model make demo trained (out/pipeline/ppo; MODEL=out/pipeline/sft for the SFT model)
 	$(PY) -m minigpt.chat --model $(or $(MODEL),out/pipeline/ppo)
 
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)

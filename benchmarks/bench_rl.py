@@ -5,7 +5,8 @@
     python benchmarks/bench_rl.py --seeds 0 --methods ppo_rm,grpo_checker --budget 1920 --jobs 2
 
 Rows: the SFT model, then PPO with the reward model (beta 0.5 and lr 2e-5, the pipeline's setting when the table was
-first measured, and beta 1 at lr 1e-5, its default since), PPO with the verifiable reward (the world's checker; beta
+first measured, and beta 1 at lr 1e-5, its default after that, both at PPO's 4 epochs; the pipeline now takes 2
+epochs at lr 2e-5), PPO with the verifiable reward (the world's checker; beta
 0.1, 2 passes of minibatches of 32 a rollout, temperature 0.7: the recipe of rl_greedy.md), GRPO with the verifiable
 reward (temperature 0.7, its defaults otherwise), DPO on the built-in preference pairs, and DPO on on-policy pairs (the
 SFT model's own samples ordered by the checker). Every RL method gets the same budget of sampled responses (--budget
@@ -63,7 +64,7 @@ def configs(method: str, seed: int, out: str, budget: int = BUDGET, dpo_steps: i
     if method == "ppo_checker":  # the recipe that gained greedy accuracy (rl_greedy.md): GRPO's 4 updates a rollout
         return {"ppo": dataclasses.asdict(PPOConfig(steps=steps, batch_size=64, minibatch_size=32, ppo_epochs=2,
                                                     temperature=0.7, lr=2e-5, vf_lr=1e-3, beta=0.1, seed=seed))}
-    if method.startswith("ppo"):  # beta 0.5, lr 2e-5 (the pipeline's earlier setting); ppo_rm_beta1: its default now
+    if method.startswith("ppo"):  # beta 0.5, lr 2e-5 (the pipeline's first setting); ppo_rm_beta1: its second
         beta, lr = (1.0, 1e-5) if method == "ppo_rm_beta1" else (0.5, 2e-5)
         return {"ppo": dataclasses.asdict(PPOConfig(steps=steps, batch_size=64, minibatch_size=16, lr=lr,
                                                     vf_lr=1e-3, beta=beta, seed=seed))}

@@ -192,3 +192,34 @@ def test_rl_table_rows_have_as_many_cells_as_the_header_with_and_without_the_wid
         assert len(rows) == 4 and len({row.count("|") for row in rows}) == 1
         assert rows[0].count("|") == len(bench_rl.COLUMNS) + 4 + (w is not None)
     assert "| +3.1 (1.2) | 9 s |" in rows[-1] and "greedy gain on 7 (SE)" in rows[0] and "12 optimizer steps" in text
+
+
+def test_demo_timing_runs_both_baby_runs_and_divides_by_each(tmp_path, monkeypatch):
+    """bench_demo: nanoGPT's baby run with the README's --eval_iters=20 and the config's 200, then the demo; the
+    table's ratios are the demo's wall time over each (by hand: 450 / 100 and 450 / 250)."""
+    bench_demo = load("bench_demo")
+    fake = tmp_path / "nanogpt"
+    (fake / "config").mkdir(parents=True)
+    (fake / "data" / "shakespeare_char").mkdir(parents=True)
+    (fake / "train.py").write_text("import sys\nopen('args.txt', 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                                   "print('step 0: train loss 1.9000, val loss 1.8800')\n")
+    for f in ("model.py", "configurator.py", "config/train_shakespeare_char.py", "data/shakespeare_char/prepare.py"):
+        (fake / f).write_text("")
+    data = tmp_path / "input.txt"
+    data.write_text("to be")
+    seen = {}
+
+    def fake_demo(work, pipeline_only):
+        seen["args"] = (work / "nanogpt" / "args.txt").read_text().splitlines()
+        return {"wall_s": 450.0, "stages": {"pretrain": 170.0, "sft": 113.0, "reward": 98.0, "ppo": 65.0},
+                "val_loss": 0.886, "sft_accuracy": 0.425, "rm_accuracy": 0.964}
+
+    monkeypatch.setattr(bench_demo, "time_demo", fake_demo)
+    bench_demo.main(["--nanogpt", str(fake), "--data", str(data), "--pipeline-only"])
+    assert [[f for f in a.split() if f.startswith("--eval_iters=")] for a in seen["args"]] == [
+        ["--eval_iters=20"], ["--eval_iters=200"]]
+    text = bench_demo.table({"eval_iters 20": {"wall_s": 100.0, "val_loss": 1.88},
+                             "eval_iters 200": {"wall_s": 250.0, "val_loss": 1.90}},
+                            {"wall_s": 450.0, "stages": {"pretrain": 170.0, "sft": 113.0, "reward": 98.0, "ppo": 65.0},
+                             "val_loss": 0.886, "sft_accuracy": 0.425, "rm_accuracy": 0.964}, pipeline_only=False)
+    assert "| 450.0 | 4.50x | 1.80x |" in text and "(sum 446 s)" in text

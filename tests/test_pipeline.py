@@ -19,6 +19,8 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
         str(p.relative_to(out)) for p in out.rglob("*")}
     rows = [json.loads(line) for line in (out / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"score", "kl", "true_score", "entropy", "clipfrac", "explained_variance"} <= set(rows[0])
+    ppo = json.loads((out / "ppo" / "model.json").read_text())["settings"]["ppo"]  # what the PPO run was given
+    assert (ppo["ppo_epochs"], ppo["lr"], ppo["vf_lr"], ppo["steps"], ppo["batch_size"]) == (2, 2e-5, 1e-3, 2, 8)
     assert "| pretrain |" in (out / "report.md").read_text()
     # the SFT data carries remarks after a share of the answers; the reward model is also scored on the probes
     sft_train = [json.loads(line) for line in (out / "data" / "sft_train.jsonl").read_text().splitlines()]
@@ -142,7 +144,7 @@ def test_each_stage_records_the_sizes_it_reads():
         "corpus_chars", "n_layer", "n_embd", "pretrain_iters", "pretrain_batch", "pretrain_lr", "pretrain_eval_windows"}
     assert set(pipeline.stage_settings(TOY, "reward")) == {"reward_pairs", "reward_iters", "eval_prompts"}
     assert set(pipeline.stage_settings(TOY, "ppo", beta=1.0, reward="checker")) == {
-        "ppo_steps", "ppo_batch", "ppo_vf_lr", "ppo_lr", "eval_prompts", "eval_samples", "beta", "reward"}
+        "ppo_steps", "ppo_batch", "ppo_vf_lr", "ppo_epochs", "ppo_lr", "eval_prompts", "eval_samples", "beta", "reward"}
 
 
 def test_a_stage_made_from_another_run_of_the_stage_before_it_is_redone(tmp_path, capsys):
