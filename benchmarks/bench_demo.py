@@ -38,12 +38,17 @@ def time_demo(work: Path, pipeline_only: bool) -> dict:
         _, wall, _ = timed_process([sys.executable, "-m", "rlhf.pipeline", "--out-dir", str(out), "--no-progress"],
                                    REPO)
     else:
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "minigpt", "peft", "rlhf", "Makefile",
+                                  "pyproject.toml"], cwd=REPO, capture_output=True, text=True).stdout
+        if changed:
+            print(f"note: uncommitted changes are not in the clone, which times the last commit:\n{changed}")
         clone = work / "clone"
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
-        _, wall, _ = timed_process(["make", "demo"], clone)
+        _, wall, _ = timed_process(["make", "demo", f"PYTHON={sys.executable}"], clone)  # its venv from this Python
         out = clone / "out" / "pipeline"
     stages = {s: json.loads((out / s / "stage.json").read_text()) for s in STAGES}
     return {"wall_s": wall, "stages": {s: r["wall_s"] for s, r in stages.items()},
+            "report": (out / "report.md").read_text(),
             "val_loss": stages["pretrain"]["val_loss"], "sft_accuracy": stages["sft"]["accuracy"],
             "rm_accuracy": stages["reward"]["accuracy"]}
 
@@ -70,7 +75,8 @@ def main(argv=None) -> str:
                    help="tinyshakespeare's input.txt (default: %(default)s)")
     p.add_argument("--pipeline-only", action="store_true", help="time the four stages with this Python, without "
                    "cloning or creating a virtual environment")
-    p.add_argument("--out", default=None, help="also write the table to this file (default: print it only)")
+    p.add_argument("--out", default=None, help="also write the table to this file, and the pipeline's report.md to "
+                   "OUT's name + _report.md (default: print the table only)")
     args = p.parse_args(argv)
     if not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file (tinyshakespeare's input.txt)")
@@ -85,8 +91,10 @@ def main(argv=None) -> str:
         demo = time_demo(work, args.pipeline_only)
     text = table(baby, demo, args.pipeline_only)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if args.out:  # and the pipeline's own report beside it (the PPO row, sample answers), as the run is deleted
+        out = Path(args.out)
+        out.write_text(text + "\n")
+        out.with_name(out.stem + "_report.md").write_text(demo["report"])
     return text
 
 

@@ -212,14 +212,17 @@ def test_demo_timing_runs_both_baby_runs_and_divides_by_each(tmp_path, monkeypat
     def fake_demo(work, pipeline_only):
         seen["args"] = (work / "nanogpt" / "args.txt").read_text().splitlines()
         return {"wall_s": 450.0, "stages": {"pretrain": 170.0, "sft": 113.0, "reward": 98.0, "ppo": 65.0},
-                "val_loss": 0.886, "sft_accuracy": 0.425, "rm_accuracy": 0.964}
+                "val_loss": 0.886, "sft_accuracy": 0.425, "rm_accuracy": 0.964, "report": "# the report"}
 
     monkeypatch.setattr(bench_demo, "time_demo", fake_demo)
-    bench_demo.main(["--nanogpt", str(fake), "--data", str(data), "--pipeline-only"])
+    bench_demo.main(["--nanogpt", str(fake), "--data", str(data), "--pipeline-only", "--out", str(tmp_path / "t.md")])
+    assert (tmp_path / "t_report.md").read_text() == "# the report" and "| 450.0 |" in (tmp_path / "t.md").read_text()
     assert [[f for f in a.split() if f.startswith("--eval_iters=")] for a in seen["args"]] == [
         ["--eval_iters=20"], ["--eval_iters=200"]]
     text = bench_demo.table({"eval_iters 20": {"wall_s": 100.0, "val_loss": 1.88},
                              "eval_iters 200": {"wall_s": 250.0, "val_loss": 1.90}},
                             {"wall_s": 450.0, "stages": {"pretrain": 170.0, "sft": 113.0, "reward": 98.0, "ppo": 65.0},
                              "val_loss": 0.886, "sft_accuracy": 0.425, "rm_accuracy": 0.964}, pipeline_only=False)
-    assert "| 450.0 | 4.50x | 1.80x |" in text and "(sum 446 s)" in text
+    assert "| 450.0 | 4.50x | 1.80x |" in text
+    assert text.endswith("Stages: pretrain 170 s, sft 113 s, reward 98 s, ppo 65 s (sum 446 s). Pretraining validation "
+                         "loss 0.886, SFT accuracy 42.5%, reward-model accuracy 96.4%.")

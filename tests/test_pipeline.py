@@ -256,3 +256,25 @@ def test_a_second_pipeline_on_the_same_folder_is_refused_before_it_touches_a_sta
     with hold(tmp_path):
         assert (tmp_path / "run.lock").read_text() == str(os.getpid())
     assert not (tmp_path / "run.lock").exists()
+
+
+def test_the_ppo_stage_takes_its_sizes_passes_and_rate(tmp_path, monkeypatch):
+    """stage_ppo hands the sizes' ppo_epochs and ppo_lr (here not the defaults) to PPO, not constants of its own."""
+    import dataclasses
+
+    from rlhf import pipeline
+
+    seen = {}
+
+    def fake_run_ppo(run, cfg, reward):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # stop before anything is read or trained
+
+    monkeypatch.setattr(pipeline, "run_ppo", fake_run_ppo)
+    sizes = dataclasses.replace(TOY, ppo_epochs=3, ppo_lr=3e-5, ppo_vf_lr=2e-3)
+    try:
+        pipeline.stage_ppo(tmp_path, sizes, False, 0.5, "ppo", "reward_model", {"resume": False, "overwrite": True})
+    except KeyboardInterrupt:
+        pass
+    cfg = seen["cfg"]
+    assert (cfg.ppo_epochs, cfg.lr, cfg.vf_lr, cfg.beta, cfg.steps, cfg.batch_size) == (3, 3e-5, 2e-3, 0.5, 2, 8)
