@@ -195,12 +195,16 @@ def stage_reward(out: Path, s: Sizes, progress: bool, mode: dict) -> dict:
             "probe_accuracy": r.get("probe_accuracy", {})}
 
 
+def ppo_config(s: Sizes, beta: float) -> PPOConfig:
+    """The PPO stage's settings; PPOConfig refuses bad values (main builds it once before any stage runs)."""
+    return PPOConfig(steps=s.ppo_steps, batch_size=s.ppo_batch, minibatch_size=min(16, s.ppo_batch),
+                     ppo_epochs=s.ppo_epochs, beta=beta, lr=s.ppo_lr, vf_lr=s.ppo_vf_lr)
+
+
 def stage_ppo(out: Path, s: Sizes, progress: bool, beta: float, name: str, reward: str, mode: dict) -> dict:
     run = RLRun(sft=str(out / "sft"), reward=str(out / "reward"), out_dir=str(out / name),
                 eval_prompts=s.eval_prompts, eval_samples=s.eval_samples, progress=progress, **mode)
-    cfg = PPOConfig(steps=s.ppo_steps, batch_size=s.ppo_batch, minibatch_size=min(16, s.ppo_batch),
-                    ppo_epochs=s.ppo_epochs, beta=beta, lr=s.ppo_lr, vf_lr=s.ppo_vf_lr)
-    r = run_ppo(run, cfg, reward=reward)
+    r = run_ppo(run, ppo_config(s, beta), reward=reward)
     test = builtin_prompts(n_test=s.eval_prompts)[1]
     before, after = r["before"], r["after"]
     samples = [{"prompt": ex["prompt"], "reference": ex["output"], "sft": b, "rl": a}
@@ -271,6 +275,8 @@ def build_parser():
     # policy drifting on list tasks whose one-word errors the reward model cannot see (benchmarks/results/rl.md)
     p.add_argument("--beta", type=float, default=1.0, help="KL coefficient of the PPO stage")
     p.add_argument("--ppo-lr", type=float, help=f"learning rate of the PPO policy (default: {Sizes.ppo_lr:g})")
+    p.add_argument("--ppo-epochs", type=int, help=f"PPO's passes over each rollout (default: {Sizes.ppo_epochs}; "
+                   "--ppo-epochs 4 --ppo-lr 1e-5 is the earlier setting)")
     p.add_argument("--reward-fn", default="reward_model", choices=["reward_model", "checker", "both"],
                    help="what PPO maximises: the reward model, the world's checker (a verifiable reward), or both")
     p.add_argument("--reward-hacking", action="store_true", help="also run PPO with beta = 0")
@@ -292,6 +298,10 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
     s = sizes or (FAST if args.fast else Sizes())
     if args.ppo_lr is not None:
         s = replace(s, ppo_lr=args.ppo_lr)
+    if args.ppo_epochs is not None:
+        s = replace(s, ppo_epochs=args.ppo_epochs)
+    if "ppo" in args.stages.split(","):
+        ppo_config(s, args.beta)  # bad PPO values refused before any stage runs
     progress = not args.no_progress
     wanted = [x for x in args.stages.split(",") if x]
     if not wanted or [x for x in wanted if x not in STAGES] or wanted != list(STAGES[: len(wanted)]):

@@ -278,3 +278,14 @@ def test_the_ppo_stage_takes_its_sizes_passes_and_rate(tmp_path, monkeypatch):
         pass
     cfg = seen["cfg"]
     assert (cfg.ppo_epochs, cfg.lr, cfg.vf_lr, cfg.beta, cfg.steps, cfg.batch_size) == (3, 3e-5, 2e-3, 0.5, 2, 8)
+
+
+def test_bad_ppo_options_are_refused_before_any_stage_runs(tmp_path):
+    import pytest
+
+    out = tmp_path / "pipe"
+    with pytest.raises(ValueError, match="ppo_epochs must be >= 1, got 0"):
+        main(["--out-dir", str(out), "--no-progress", "--ppo-epochs", "0"], sizes=TOY)
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got -1.0"):
+        main(["--out-dir", str(out), "--no-progress", "--ppo-lr", "-1"], sizes=TOY)
+    assert not out.exists()  # nothing trained, nothing written
