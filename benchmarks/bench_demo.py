@@ -26,9 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_pretrain import BABY, prepare_nanogpt, run_nanogpt, timed_process  # noqa: E402
+from bench_pretrain import BABY, prepare_nanogpt, run_nanogpt, timed_process  # noqa: E402 (puts REPO on the path)
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+from rlhf.pipeline import STAGES  # noqa: E402
 
 
 def time_demo(work: Path, pipeline_only: bool) -> dict:

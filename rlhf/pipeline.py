@@ -300,12 +300,12 @@ def main(argv=None, sizes: Sizes | None = None) -> dict:
         s = replace(s, ppo_lr=args.ppo_lr)
     if args.ppo_epochs is not None:
         s = replace(s, ppo_epochs=args.ppo_epochs)
-    if "ppo" in args.stages.split(","):
-        ppo_config(s, args.beta)  # bad PPO values refused before any stage runs
     progress = not args.no_progress
     wanted = [x for x in args.stages.split(",") if x]
     if not wanted or [x for x in wanted if x not in STAGES] or wanted != list(STAGES[: len(wanted)]):
         raise ValueError(f"--stages must be the first stages of {','.join(STAGES)} in order, got {args.stages!r}")
+    if "ppo" in wanted:
+        ppo_config(s, args.beta)  # bad PPO values refused before any stage runs
     if args.redo and args.redo not in wanted:
         raise ValueError(f"--redo {args.redo}: that stage is not among --stages {args.stages}")
     stages = {

@@ -262,6 +262,8 @@ def test_the_ppo_stage_takes_its_sizes_passes_and_rate(tmp_path, monkeypatch):
     """stage_ppo hands the sizes' ppo_epochs and ppo_lr (here not the defaults) to PPO, not constants of its own."""
     import dataclasses
 
+    import pytest
+
     from rlhf import pipeline
 
     seen = {}
@@ -272,10 +274,8 @@ def test_the_ppo_stage_takes_its_sizes_passes_and_rate(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "run_ppo", fake_run_ppo)
     sizes = dataclasses.replace(TOY, ppo_epochs=3, ppo_lr=3e-5, ppo_vf_lr=2e-3)
-    try:
+    with pytest.raises(KeyboardInterrupt):
         pipeline.stage_ppo(tmp_path, sizes, False, 0.5, "ppo", "reward_model", {"resume": False, "overwrite": True})
-    except KeyboardInterrupt:
-        pass
     cfg = seen["cfg"]
     assert (cfg.ppo_epochs, cfg.lr, cfg.vf_lr, cfg.beta, cfg.steps, cfg.batch_size) == (3, 3e-5, 2e-3, 0.5, 2, 8)
 
